@@ -1,0 +1,29 @@
+# Set-up is part of every target: a fresh machine needs nothing but python3.11 and make.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+
+.PHONY: dev test lint bench-proxy
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[gateway,dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+## Run the embedded default (until the local inference tier lands: UPSTREAM=<OpenAI-compatible URL>)
+dev: $(STAMP)
+	$(BIN)/bastion dev $(if $(UPSTREAM),--upstream $(UPSTREAM)) $(ARGS)
+
+## Lint and run the whole test suite
+test: $(STAMP) lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+## Gateway overhead against nginx and LiteLLM (by hand; needs nginx and wrk from apt)
+bench-proxy: $(STAMP)
+	$(BIN)/python bench/proxy_overhead.py $(ARGS)

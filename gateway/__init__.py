@@ -1,0 +1,1 @@
+"""The ASGI reverse proxy in front of the inference tier, and the `bastion` CLI."""

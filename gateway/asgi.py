@@ -1,0 +1,112 @@
+"""The ASGI contract as the gateway uses it, and the few helpers every route needs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, MutableMapping
+from types import TracebackType
+from typing import Any
+
+from gateway.errors import RequestTooLarge
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its request was read; there is no one to answer."""
+
+
+def request_id_of(scope: Scope) -> str:
+    request_id: str = scope["state"]["request_id"]
+    return request_id
+
+
+def header_value(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value  # type: ignore[no-any-return]
+    return None
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The whole request body, refused with 413 as soon as it exceeds ``limit`` bytes."""
+    declared = header_value(scope, b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge(f"The request body exceeds the limit of {limit} bytes.")
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(f"The request body exceeds the limit of {limit} bytes.")
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+async def send_json(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or ()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class DisconnectGuard:
+    """Cancels the enclosed work when the client disconnects, and swallows that cancel.
+
+    The request body must have been read already: from then on, ``receive()`` only
+    returns ``http.disconnect``.
+    """
+
+    __slots__ = ("_armed", "_receive", "_task", "_watcher", "client_gone")
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self.client_gone = False
+        self._armed = False
+
+    async def __aenter__(self) -> DisconnectGuard:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._armed = True
+        self._watcher = asyncio.create_task(self._watch())
+        return self
+
+    async def _watch(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        self.client_gone = True
+        if self._armed:
+            self._task.cancel()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        self._armed = False
+        self._watcher.cancel()
+        if exc_type is asyncio.CancelledError and self.client_gone:
+            self._task.uncancel()
+            return True
+        return False

@@ -1,0 +1,237 @@
+"""Bastion's configuration: one YAML file, every field overridable by ``BASTION_*`` variables.
+
+Precedence, highest first: explicit overrides (CLI flags), environment variables
+(``BASTION_SERVER__PORT=9000``; lists and objects as JSON, ``BASTION_UPSTREAMS='[...]'``),
+the YAML file (``--config`` or ``BASTION_CONFIG``), defaults.
+
+Everything is validated at start-up; :func:`load_settings` turns the first problem into a
+:class:`ConfigError` whose message is one line naming the field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+import yaml
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    FilePath,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+CONFIG_ENV_VAR = "BASTION_CONFIG"
+
+PositiveSeconds = Annotated[float, Field(gt=0, le=3600)]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``str(err)`` is one line naming the field."""
+
+
+class Section(BaseModel):
+    """A configuration section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TLSSettings(Section):
+    certfile: FilePath
+    keyfile: FilePath
+
+
+class ServerSettings(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1, le=256)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    tls: TLSSettings | None = None
+    expose_upstream_header: bool = True
+    """Send ``x-bastion-upstream`` (the serving upstream's name) on proxied responses."""
+    upstream_transport: Literal["aiohttp", "httpx", "httpx-aiohttp"] = "aiohttp"
+    """How the proxy talks to upstreams; see gateway/transport.py for why aiohttp."""
+
+
+class UpstreamSettings(Section):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    url: AnyHttpUrl
+    models: list[str] = Field(min_length=1)
+    weight: float = Field(default=1.0, gt=0)
+    api_key: str | None = Field(default=None, repr=False)
+
+    @field_validator("models")
+    @classmethod
+    def _models_are_names(cls, models: list[str]) -> list[str]:
+        for model in models:
+            if not model or model != model.strip():
+                raise ValueError(f"model name {model!r} is empty or has surrounding spaces")
+        if len(set(models)) != len(models):
+            raise ValueError("lists a model twice")
+        return models
+
+    @property
+    def base_url(self) -> str:
+        return str(self.url).rstrip("/")
+
+
+class TimeoutSettings(Section):
+    connect_s: PositiveSeconds = 2.0
+    read_s: PositiveSeconds = 60.0
+    """Longest silence between two reads from an upstream before the request times out."""
+
+
+class HealthCheckSettings(Section):
+    enabled: bool = True
+    path: str = Field(default="/health", pattern=r"^/")
+    interval_s: PositiveSeconds = 5.0
+    timeout_s: PositiveSeconds = 2.0
+    unhealthy_after: int = Field(default=2, ge=1)
+    healthy_after: int = Field(default=1, ge=1)
+
+
+class CircuitBreakerSettings(Section):
+    failure_threshold: int = Field(default=5, ge=1)
+    open_s: PositiveSeconds = 10.0
+
+
+class RetrySettings(Section):
+    max_attempts: int = Field(default=2, ge=1, le=10)
+
+
+class CanarySettings(Section):
+    model: str = Field(min_length=1)
+    version: str = Field(min_length=1)
+    share: float = Field(gt=0, lt=1)
+
+
+class Settings(BaseSettings):
+    """The whole validated configuration, read once at start-up and passed down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BASTION_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    dev: bool = False
+    """A development setup: lets ``bastion serve`` start without production secrets."""
+    server: ServerSettings = ServerSettings()
+    upstreams: list[UpstreamSettings] = Field(min_length=1)
+    timeouts: TimeoutSettings = TimeoutSettings()
+    health_check: HealthCheckSettings = HealthCheckSettings()
+    circuit_breaker: CircuitBreakerSettings = CircuitBreakerSettings()
+    retry: RetrySettings = RetrySettings()
+    canaries: list[CanarySettings] = []
+    database_url: str | None = None
+    redis_url: str | None = None
+    elasticsearch_url: str | None = None
+
+    @model_validator(mode="after")
+    def _check_references(self) -> Self:
+        names = [u.name for u in self.upstreams]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"upstreams: duplicate name {duplicates[0]!r}")
+        served = self.models()
+        seen: set[str] = set()
+        for i, canary in enumerate(self.canaries):
+            for field in ("model", "version"):
+                if getattr(canary, field) not in served:
+                    raise ValueError(
+                        f"canaries.{i}.{field}: model {getattr(canary, field)!r} "
+                        "is not served by any upstream"
+                    )
+            if canary.model == canary.version:
+                raise ValueError(f"canaries.{i}.version: must differ from the model")
+            if canary.model in seen:
+                raise ValueError(f"canaries.{i}.model: {canary.model!r} has two canaries")
+            seen.add(canary.model)
+        return self
+
+    def models(self) -> list[str]:
+        """Every model name served by some upstream, in configuration order."""
+        return list(dict.fromkeys(m for u in self.upstreams for m in u.models))
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML document arrives as init kwargs (see load_settings); environment
+        # variables must win over it and CLI overrides over both, so the YAML part is
+        # passed under a private key and re-ordered here.
+        assert isinstance(init_settings, InitSettingsSource)
+        kwargs = dict(init_settings.init_kwargs)
+        yaml_doc = kwargs.pop("__yaml__", {})
+        overrides = InitSettingsSource(settings_cls, init_kwargs=kwargs)
+        from_yaml = InitSettingsSource(settings_cls, init_kwargs=yaml_doc)
+        return (overrides, env_settings, from_yaml)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file ({exc.strerror})") from exc
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{at}") from exc
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of settings")
+    return document
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors(include_url=False)[0]
+    location = ".".join(str(part) for part in first["loc"])
+    kind = first["type"]
+    message = first["msg"]
+    if kind == "extra_forbidden":
+        message = "unknown key"
+    elif kind == "missing":
+        message = "is required"
+    elif kind == "path_not_file":
+        message = f"file not found: {first.get('input')}"
+    elif kind == "too_short" and location.endswith("models"):
+        message = "must list at least one model"
+    elif kind == "too_short" and location == "upstreams":
+        message = "at least one upstream is required"
+    elif kind.startswith("url"):
+        message = f"not a valid http(s) URL ({message}): {first.get('input')!r}"
+    message = message.removeprefix("Value error, ")
+    if not location:
+        return message
+    return f"{location}: {message}"
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read, merge and validate the configuration, or raise :class:`ConfigError`."""
+    config_path = path if path is not None else os.environ.get(CONFIG_ENV_VAR)
+    yaml_doc = _read_yaml(Path(config_path)) if config_path else {}
+    clean = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return Settings(__yaml__=yaml_doc, **clean)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from exc

@@ -1,0 +1,113 @@
+"""Every failure the gateway reports, in OpenAI's error JSON shape.
+
+Raise a :class:`GatewayError` subclass anywhere below a route; the error handler in
+:mod:`gateway.app` renders it as ``{"error": {"message", "type", "code", "param"}}``
+with the class's status. Streams that already started end with :func:`sse_error_event`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import orjson
+
+
+def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
+    return orjson.dumps(
+        {"error": {"message": message, "type": type_, "code": code, "param": param}}
+    )
+
+
+class GatewayError(Exception):
+    """A failure with a known HTTP status, error type and code."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code  # type: ignore[misc]
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.code, self.param)
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return []
+
+
+class InvalidJSON(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_json"
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class RequestTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class UpstreamFailed(GatewayError):
+    """The upstream refused the connection, broke it, or answered 5xx."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+
+
+class NoHealthyUpstream(GatewayError):
+    status = 503
+    type = "service_unavailable"
+    code = "no_healthy_upstream"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"retry-after", b"1")]
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    type = "timeout"
+    code = "upstream_timeout"
+
+
+def sse_error_event(error: GatewayError) -> bytes:
+    """The final event of a stream that fails after it started.
+
+    The official ``openai`` client raises an ``APIError`` when an event's JSON carries
+    an ``error`` key, so a client sees the failure instead of a silently short answer.
+    """
+    return b"data: " + error.body() + b"\n\n"

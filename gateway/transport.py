@@ -1,0 +1,197 @@
+"""The one narrow interface through which the proxy talks to upstreams, and its backends.
+
+``aiohttp`` is the default: measured on this machine (bench/proxy_overhead.py
+``--transports``), httpx's own connection pool serialises badly under concurrency
+(httpx issue 3215), while aiohttp's pool keeps up. ``httpx`` and ``httpx-aiohttp``
+(httpx's API over aiohttp's pool) stay selectable so the choice can be re-measured.
+
+Backends raise only :class:`UpstreamFailed` and :class:`UpstreamTimeout`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Literal, Protocol
+
+import aiohttp
+
+from gateway.errors import UpstreamFailed, UpstreamTimeout
+
+TransportName = Literal["aiohttp", "httpx", "httpx-aiohttp"]
+
+
+class UpstreamResponse(Protocol):
+    status: int
+    content_type: str
+
+    async def read(self) -> bytes:
+        """The whole body; the connection goes back to the pool."""
+
+    def iter_chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives."""
+
+    async def close(self) -> None:
+        """Abort: the connection is closed, so the upstream sees the client go away."""
+
+
+class UpstreamTransport(Protocol):
+    async def send(
+        self, method: str, url: str, headers: dict[str, str], body: bytes | None
+    ) -> UpstreamResponse:
+        """Send a request and return once the status line and headers arrived."""
+
+    async def aclose(self) -> None: ...
+
+
+def _timeout_or_failure(exc: BaseException, url: str) -> UpstreamFailed | UpstreamTimeout:
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout("The upstream did not answer in time.")
+    return UpstreamFailed(f"The upstream failed: {type(exc).__name__}.")
+
+
+class _AiohttpResponse:
+    __slots__ = ("_response", "_url", "content_type", "status")
+
+    def __init__(self, response: aiohttp.ClientResponse, url: str) -> None:
+        self._response = response
+        self._url = url
+        self.status = response.status
+        self.content_type = response.headers.get("content-type", "application/json")
+
+    async def read(self) -> bytes:
+        try:
+            return await self._response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _timeout_or_failure(exc, self._url) from exc
+        finally:
+            self._response.release()
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _timeout_or_failure(exc, self._url) from exc
+
+    async def close(self) -> None:
+        self._response.close()
+
+
+class AiohttpTransport:
+    """One shared aiohttp session with a keep-alive pool for all upstreams."""
+
+    def __init__(self, connect_s: float, read_s: float, pool_size: int = 1024) -> None:
+        self._connect_s = connect_s
+        self._read_s = read_s
+        self._pool_size = pool_size
+        self._session: aiohttp.ClientSession | None = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        # Created lazily: aiohttp binds the session to the running event loop.
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=self._pool_size, ttl_dns_cache=300, enable_cleanup_closed=True
+                ),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=self._connect_s, sock_read=self._read_s
+                ),
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            )
+        return self._session
+
+    async def send(
+        self, method: str, url: str, headers: dict[str, str], body: bytes | None
+    ) -> UpstreamResponse:
+        session = self._get_session()
+        try:
+            response = await session.request(method, url, headers=headers, data=body)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _timeout_or_failure(exc, url) from exc
+        return _AiohttpResponse(response, url)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class _HttpxResponse:
+    __slots__ = ("_response", "_url", "content_type", "status")
+
+    def __init__(self, response: object, url: str) -> None:
+        import httpx
+
+        assert isinstance(response, httpx.Response)
+        self._response = response
+        self._url = url
+        self.status = response.status_code
+        self.content_type = response.headers.get("content-type", "application/json")
+
+    async def read(self) -> bytes:
+        import httpx
+
+        try:
+            return await self._response.aread()
+        except (httpx.HTTPError, TimeoutError) as exc:
+            raise _timeout_or_failure(_httpx_cause(exc), self._url) from exc
+        finally:
+            await self._response.aclose()
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        import httpx
+
+        try:
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+        except (httpx.HTTPError, TimeoutError) as exc:
+            raise _timeout_or_failure(_httpx_cause(exc), self._url) from exc
+
+    async def close(self) -> None:
+        await self._response.aclose()
+
+
+def _httpx_cause(exc: BaseException) -> BaseException:
+    import httpx
+
+    return TimeoutError() if isinstance(exc, httpx.TimeoutException) else exc
+
+
+class HttpxTransport:
+    """httpx's AsyncClient, on its own pool or on aiohttp's (``httpx-aiohttp``)."""
+
+    def __init__(
+        self, connect_s: float, read_s: float, pool_size: int = 1024, over_aiohttp: bool = False
+    ) -> None:
+        import httpx
+
+        limits = httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size)
+        timeout = httpx.Timeout(connect=connect_s, read=read_s, write=read_s, pool=connect_s)
+        if over_aiohttp:
+            from httpx_aiohttp import HttpxAiohttpClient
+
+            self._client: httpx.AsyncClient = HttpxAiohttpClient(timeout=timeout, limits=limits)
+        else:
+            self._client = httpx.AsyncClient(timeout=timeout, limits=limits)
+
+    async def send(
+        self, method: str, url: str, headers: dict[str, str], body: bytes | None
+    ) -> UpstreamResponse:
+        import httpx
+
+        request = self._client.build_request(method, url, headers=headers, content=body)
+        try:
+            response = await self._client.send(request, stream=True)
+        except (httpx.HTTPError, TimeoutError) as exc:
+            raise _timeout_or_failure(_httpx_cause(exc), url) from exc
+        return _HttpxResponse(response, url)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def build_transport(name: TransportName, connect_s: float, read_s: float) -> UpstreamTransport:
+    if name == "aiohttp":
+        return AiohttpTransport(connect_s, read_s)
+    return HttpxTransport(connect_s, read_s, over_aiohttp=name == "httpx-aiohttp")
