@@ -50,15 +50,22 @@ class EmbeddingRequest(_Body):
     input: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
 
 
+_UNION_MESSAGES = {
+    "prompt": "must be a string, an array of strings, or an array of token ids",
+    "input": "must be a string, an array of strings, or an array of token ids",
+}
+
+
 def _param(location: tuple[int | str, ...]) -> str:
+    """``("messages", 0, "role")`` -> ``"messages[0].role"``, without pydantic's union tags."""
     out = ""
     for part in location:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in {"str", "list[str]", "list[int]", "list[list[int]]"} or "[" in str(part):
-            break  # union branch names from pydantic, not fields
+        elif part in {"str", "int"} or "[" in part:
+            break
         else:
-            out += f".{part}" if out else str(part)
+            out += f".{part}" if out else part
     return out
 
 
@@ -78,5 +85,7 @@ def parse_body(raw: bytes, schema: type[_Body]) -> dict[str, Any]:
         message = first["msg"]
         if first["type"] == "missing":
             message = "is required"
+        elif param in _UNION_MESSAGES:
+            message = _UNION_MESSAGES[param]
         raise InvalidRequest(f"Invalid request: '{param}' {message}.", param=param) from exc
     return body

@@ -97,6 +97,7 @@ class AiohttpTransport:
                     total=None, sock_connect=self._connect_s, sock_read=self._read_s
                 ),
                 auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
                 skip_auto_headers=("User-Agent", "Accept-Encoding"),
             )
         return self._session
