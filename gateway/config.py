@@ -47,9 +47,59 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Mozilla's "intermediate" TLS 1.2 cipher suites (ssl-config.mozilla.org, guideline 5.7);
+# TLS 1.3 suites are fixed by OpenSSL and all strong.
+MOZILLA_INTERMEDIATE_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "DHE-RSA-AES128-GCM-SHA256",
+        "DHE-RSA-AES256-GCM-SHA384",
+        "DHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+
+Role = Literal["admin", "model_admin", "data_scientist", "app", "auditor"]
+ROLES: tuple[Role, ...] = ("admin", "model_admin", "data_scientist", "app", "auditor")
+
+
 class TLSSettings(Section):
+    """TLS on the listener: TLS 1.2 and 1.3 only, Mozilla intermediate ciphers."""
+
     certfile: FilePath
     keyfile: FilePath
+    ciphers: str = MOZILLA_INTERMEDIATE_CIPHERS
+    client_ca: FilePath | None = None
+    """Mutual TLS: client certificates must be signed by this CA (PEM bundle)."""
+    client_cert: Literal["none", "optional", "required"] = "none"
+    hsts_max_age_s: int = Field(default=31_536_000, ge=0)
+    """``Strict-Transport-Security`` on every TLS response; 0 sends none."""
+
+    @model_validator(mode="after")
+    def _client_ca_for_mtls(self) -> Self:
+        if self.client_cert != "none" and self.client_ca is None:
+            raise ValueError("client_ca is required when client_cert is optional or required")
+        return self
+
+
+class UpstreamTLSSettings(Section):
+    """TLS towards an ``https://`` upstream."""
+
+    verify: bool = True
+    ca_file: FilePath | None = None
+    """CA bundle that signed the upstream's certificate (default: the system's)."""
+    client_certfile: FilePath | None = None
+    client_keyfile: FilePath | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> Self:
+        if (self.client_certfile is None) != (self.client_keyfile is None):
+            raise ValueError("client_certfile and client_keyfile go together")
+        return self
 
 
 class ServerSettings(Section):
@@ -70,6 +120,7 @@ class UpstreamSettings(Section):
     models: list[str] = Field(min_length=1)
     weight: float = Field(default=1.0, gt=0)
     api_key: str | None = Field(default=None, repr=False)
+    tls: UpstreamTLSSettings = UpstreamTLSSettings()
 
     @field_validator("models")
     @classmethod
@@ -110,6 +161,45 @@ class RetrySettings(Section):
     max_attempts: int = Field(default=2, ge=1, le=10)
 
 
+class CertificatePrincipal(Section):
+    """A client certificate subject (RFC 4514, e.g. ``CN=app-1,O=Bank``) acting as a key."""
+
+    subject: str = Field(min_length=1)
+    roles: list[Role] = Field(min_length=1)
+    subject_id: str | None = None
+    models: list[str] | None = None
+    tier: str = "standard"
+
+
+class AuthSettings(Section):
+    enabled: bool = True
+    """Off only in a dev setup: every caller is then an anonymous admin."""
+    key_refresh_s: PositiveSeconds = 1.0
+    """How often each process re-reads changed keys: revocation takes effect within this."""
+    client_certificates: list[CertificatePrincipal] = []
+    role_models: dict[Role, list[str]] = {}
+    """Per-role model allow-lists; a role not listed may use every model ("*" = all)."""
+
+
+class RateLimitSettings(Section):
+    """Token buckets per key: requests per second and (estimated) tokens per minute."""
+
+    enabled: bool = True
+    requests_per_second: float = Field(default=10.0, gt=0)
+    burst: int | None = Field(default=None, ge=1)
+    """Bucket size for requests (default: requests_per_second, at least 1)."""
+    tokens_per_minute: int = Field(default=100_000, ge=1)
+    redis_failure_mode: Literal["open", "closed"] = "open"
+    """When Redis is unreachable: let requests through (open) or refuse them (closed)."""
+
+
+class PrioritySettings(Section):
+    """A key's tier becomes vLLM's ``priority`` field (lower is served first)."""
+
+    enabled: bool = True
+    tiers: dict[str, int] = {"critical": -10, "standard": 0, "batch": 10}
+
+
 class CanarySettings(Section):
     model: str = Field(min_length=1)
     version: str = Field(min_length=1)
@@ -135,6 +225,9 @@ class Settings(BaseSettings):
     circuit_breaker: CircuitBreakerSettings = CircuitBreakerSettings()
     retry: RetrySettings = RetrySettings()
     canaries: list[CanarySettings] = []
+    auth: AuthSettings = AuthSettings()
+    rate_limits: RateLimitSettings = RateLimitSettings()
+    priority: PrioritySettings = PrioritySettings()
     database_url: str | None = None
     redis_url: str | None = None
     elasticsearch_url: str | None = None
