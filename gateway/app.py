@@ -2,30 +2,51 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, Router
+from starlette.routing import Route, Router, request_response
 
+from gateway.admin_routes import KeyAdmin
+from gateway.admission import Admission
 from gateway.asgi import ASGIApp, Receive, Scope, Send
-from gateway.config import Settings, load_settings
+from gateway.config import ConfigError, Settings, load_settings
+from gateway.credentials import derive_key, load_master_key
 from gateway.health import HealthChecker
+from gateway.keys import KeyCache, KeyHasher, KeyStore
+from gateway.middleware.auth import (
+    AuthenticationMiddleware,
+    Guarded,
+    certificate_principals,
+    principal_of,
+)
 from gateway.middleware.errors import ErrorMiddleware
+from gateway.middleware.hsts import HSTSMiddleware
 from gateway.middleware.request_id import RequestIdMiddleware
-from gateway.proxy import Forwarder, ProxyEndpoint
+from gateway.model_routes import ModelEndpoint
+from gateway.proxy import Forwarder
+from gateway.ratelimit import RateLimiter, build_rate_limiter
+from gateway.rbac import ModelPolicy
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from gateway.store import make_engine, migrate
+from gateway.tls import upstream_ssl_contexts
 from gateway.transport import UpstreamTransport, build_transport
 from gateway.upstreams import UpstreamPool
 
+Handler = Callable[[Request], Awaitable[Response]]
+
 
 class BastionApp:
-    """The ASGI application: ``RequestId → Errors → Router``."""
+    """The ASGI application: ``RequestId → Errors → Authentication → Router``."""
 
     def __init__(self, settings: Settings, transport: UpstreamTransport | None = None) -> None:
+        if not settings.auth.enabled and not settings.dev:
+            raise ConfigError("auth.enabled: authentication can be off only in a dev setup")
         self.settings = settings
         self.started_at = int(time.time())
         self.pool = UpstreamPool(settings)
@@ -33,31 +54,60 @@ class BastionApp:
             settings.server.upstream_transport,
             settings.timeouts.connect_s,
             settings.timeouts.read_s,
+            upstream_ssl_contexts(settings.upstreams),
         )
         self.health = HealthChecker(settings.health_check, self.pool, self.transport)
+        self.engine = make_engine(settings.database_url)
+        hasher = KeyHasher(derive_key(load_master_key(settings), "api-key-pepper"))
+        self.key_store = KeyStore(self.engine, hasher)
+        self.key_cache = KeyCache(self.key_store, hasher, settings.auth.key_refresh_s)
+        self.limiter: RateLimiter | None = None
+        if settings.rate_limits.enabled:
+            self.limiter = build_rate_limiter(settings.rate_limits, settings.redis_url)
+        self.admission = Admission(settings, self.limiter)
+        self.model_policy = ModelPolicy(settings.auth.role_models)
         self.router = Router(routes=self._routes(), lifespan=self._lifespan)
-        self._stack: ASGIApp = RequestIdMiddleware(ErrorMiddleware(self.router))
+        authentication = AuthenticationMiddleware(
+            self.router,
+            self.key_cache if settings.auth.enabled else None,
+            certificate_principals(settings.auth.client_certificates),
+        )
+        self._stack: ASGIApp = RequestIdMiddleware(ErrorMiddleware(authentication))
+        if settings.server.tls is not None:
+            self._stack = HSTSMiddleware(self._stack, settings.server.tls.hsts_max_age_s)
 
     def _routes(self) -> list[Route]:
         forwarder = Forwarder(self.settings, self.pool, self.transport)
         cap = self.settings.server.max_body_bytes
+        keys = KeyAdmin(self.key_store, self.key_cache, self.settings.priority.tiers)
 
-        def proxy(path: str, schema: Any, streams: bool) -> Route:
-            endpoint = ProxyEndpoint(path, schema, forwarder, self.pool, cap, streams)
-            return Route(path, endpoint, methods=["POST"])
+        def model_route(path: str, schema: Any, streams: bool) -> Route:
+            endpoint = ModelEndpoint(
+                path, schema, forwarder, self.pool, self.admission, cap, streams
+            )
+            return Route(path, Guarded(endpoint, "models:call"), methods=["POST"])
+
+        def route(path: str, handler: Handler, method: str, permission: str) -> Route:
+            return Route(path, Guarded(request_response(handler), permission), methods=[method])
 
         return [
-            proxy("/v1/chat/completions", ChatCompletionRequest, streams=True),
-            proxy("/v1/completions", CompletionRequest, streams=True),
-            proxy("/v1/embeddings", EmbeddingRequest, streams=False),
-            Route("/v1/models", self.list_models, methods=["GET"]),
-            Route("/healthz", self.healthz, methods=["GET"]),
-            Route("/readyz", self.readyz, methods=["GET"]),
-            Route("/admin/upstreams", self.list_upstreams, methods=["GET"]),
+            model_route("/v1/chat/completions", ChatCompletionRequest, streams=True),
+            model_route("/v1/completions", CompletionRequest, streams=True),
+            model_route("/v1/embeddings", EmbeddingRequest, streams=False),
+            route("/v1/models", self.list_models, "GET", "models:list"),
+            route("/healthz", self.healthz, "GET", "public"),
+            route("/readyz", self.readyz, "GET", "public"),
+            route("/admin/upstreams", self.list_upstreams, "GET", "upstreams:read"),
+            route("/admin/keys", keys.create, "POST", "keys:manage"),
+            route("/admin/keys", keys.list, "GET", "keys:manage"),
+            route("/admin/keys/{key_id}", keys.revoke, "DELETE", "keys:manage"),
         ]
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: object) -> AsyncIterator[None]:
+        await asyncio.to_thread(migrate, self.engine)
+        await asyncio.to_thread(self.key_cache.load)
+        self.key_cache.start()
         if self.settings.health_check.enabled:
             await self.health.probe_all()
             self.health.start()
@@ -65,16 +115,22 @@ class BastionApp:
             yield
         finally:
             await self.health.stop()
+            await self.key_cache.stop()
+            if self.limiter is not None:
+                await self.limiter.aclose()
             await self.transport.aclose()
+            self.engine.dispose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope["app"] = self
         await self._stack(scope, receive, send)
 
     async def list_models(self, request: Request) -> Response:
+        principal = principal_of(request.scope)
         data = [
             {"id": model, "object": "model", "created": self.started_at, "owned_by": "bastion"}
             for model in self.pool.models()
+            if self.model_policy.allows(principal, model)
         ]
         return JSONResponse({"object": "list", "data": data})
 

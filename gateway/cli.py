@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,8 +14,18 @@ from typing import Annotated, Any, NoReturn
 import typer
 import yaml
 from rich.console import Console
+from rich.table import Table
+from sqlalchemy.exc import SQLAlchemyError
 
-from gateway.config import CONFIG_ENV_VAR, ConfigError, Settings, load_settings
+from gateway.config import (
+    CONFIG_ENV_VAR,
+    ROLES,
+    ConfigError,
+    Settings,
+    StoreSettings,
+    load_settings,
+    load_store_settings,
+)
 
 app = typer.Typer(
     help="Bastion: a secure, observable, compliance-ready gateway for self-hosted LLMs.",
@@ -26,6 +35,10 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+secrets_app = typer.Typer(help="Create the secrets Bastion needs.", no_args_is_help=True)
+app.add_typer(secrets_app, name="secrets")
 
 err = Console(stderr=True)
 
@@ -60,10 +73,30 @@ def _configure_logging(level: str) -> None:
     )
 
 
+def _prepare_store(settings: StoreSettings) -> None:
+    """Check the secrets and bring the database schema up to date, once, before workers."""
+    from gateway.credentials import load_master_key
+    from gateway.store import make_engine, migrate
+
+    try:
+        load_master_key(settings)
+    except ConfigError as exc:
+        _fail(f"configuration error: {exc}")
+    engine = make_engine(settings.database_url)
+    try:
+        migrate(engine)
+    except SQLAlchemyError as exc:
+        _fail(f"database {engine.url.render_as_string()}: {type(exc).__name__}: {exc.args[0]}")
+    finally:
+        engine.dispose()
+
+
 def _run_server(settings: Settings, config: Path | None, log_level: str, access_log: bool) -> None:
     import importlib.util
 
     import uvicorn
+
+    _prepare_store(settings)
 
     server = settings.server
     tls = server.tls
@@ -77,9 +110,14 @@ def _run_server(settings: Settings, config: Path | None, log_level: str, access_
         "timeout_graceful_shutdown": 10,
         "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
-        "ssl_certfile": str(tls.certfile) if tls else None,
-        "ssl_keyfile": str(tls.keyfile) if tls else None,
     }
+    if tls is not None:
+        from gateway.tls import TLSConfigError, uvicorn_options
+
+        try:
+            options.update(uvicorn_options(tls, options["http"]))
+        except TLSConfigError as exc:
+            _fail(f"configuration error: {exc}")
     if server.workers > 1:
         # Worker processes build their own app from the same file and environment.
         if config is not None:
@@ -138,20 +176,130 @@ def dev(
     if upstream is None:
         _fail("bastion dev needs --upstream URL (an OpenAI-compatible server, e.g. vLLM)")
     models = model or _discover_models(upstream)
+    state = Path(".bastion")
     document = {
         "dev": True,
         "server": {"host": host, "port": port},
+        "database_url": f"sqlite:///{(state / 'dev.db').resolve()}",
         "upstreams": [{"name": "dev", "url": upstream, "models": models}],
     }
-    config_dir = Path(tempfile.mkdtemp(prefix="bastion-dev-"))
-    config_path = config_dir / "bastion.yaml"
+    state.mkdir(exist_ok=True)
+    config_path = state / "dev.yaml"
     config_path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
     settings = _load(config_path)
+    admin_key, _ = _key_store(config_path).create(["admin"], description="bastion dev")
     err.print(f"[bold green]Bastion dev gateway[/] on http://{host}:{port}/v1")
     err.print(f"  upstream {upstream} serving {', '.join(models)}; config in {config_path}")
+    err.print(f"  admin key (shown once): [bold]{admin_key}[/]")
     err.print("  Ctrl-C stops it.")
     _configure_logging("warning")
     _run_server(settings, config_path, "warning", access_log=False)
+
+
+def _key_store(config: Path | None) -> Any:
+    from gateway.credentials import derive_key, load_master_key
+    from gateway.keys import KeyHasher, KeyStore
+    from gateway.store import make_engine
+
+    try:
+        settings = load_store_settings(config)
+        pepper = derive_key(load_master_key(settings), "api-key-pepper")
+    except ConfigError as exc:
+        _fail(f"configuration error: {exc}")
+    _prepare_store(settings)
+    return KeyStore(make_engine(settings.database_url), KeyHasher(pepper))
+
+
+@keys_app.command("create")
+def keys_create(
+    role: Annotated[
+        list[str], typer.Option("--role", "-r", help=f"One of {', '.join(ROLES)}; repeatable.")
+    ],
+    subject: Annotated[
+        str | None, typer.Option(help="The data subject (person) the key acts for.")
+    ] = None,
+    models: Annotated[
+        str | None, typer.Option(help="Comma-separated model allow-list for this key.")
+    ] = None,
+    tier: Annotated[str, typer.Option(help="Scheduling tier (see priority.tiers).")] = "standard",
+    expires: Annotated[
+        str | None, typer.Option(help="Lifetime, e.g. 30d, 12h, 1w (default: never).")
+    ] = None,
+    description: Annotated[str, typer.Option(help="A note for admins.")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Create a key and print it. It is shown this once: only its hash is stored."""
+    from gateway.keys import parse_duration
+
+    try:
+        lifetime = parse_duration(expires) if expires else None
+    except ValueError as exc:
+        _fail(f"--expires: {exc}")
+    unknown = [r for r in role if r not in ROLES]
+    if unknown:
+        _fail(f"--role: unknown role {unknown[0]!r}; roles are {', '.join(ROLES)}")
+    model_list = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    store = _key_store(config)
+    key, info = store.create(
+        role,
+        subject_id=subject,
+        models=model_list,
+        tier=tier,
+        expires_in=lifetime,
+        description=description,
+    )
+    if as_json:
+        typer.echo(json.dumps({**info.as_json(), "key": key}))
+        return
+    typer.echo(key)
+    err.print(f"key id {info.id}, roles {', '.join(info.roles)}: store it now, it is not kept.")
+
+
+@keys_app.command("list")
+def keys_list(
+    include_revoked: Annotated[bool, typer.Option(help="Show revoked keys too.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """List keys (never their secrets)."""
+    keys = _key_store(config).all(include_revoked)
+    if as_json:
+        typer.echo(json.dumps([k.as_json() for k in keys]))
+        return
+    table = Table("id", "roles", "subject", "models", "tier", "expires", "revoked")
+    for k in keys:
+        table.add_row(
+            k.id,
+            ",".join(k.roles),
+            k.subject_id or "",
+            ",".join(k.models) if k.models is not None else "*",
+            k.tier,
+            k.expires_at.isoformat(timespec="seconds") if k.expires_at else "never",
+            k.revoked_at.isoformat(timespec="seconds") if k.revoked_at else "",
+        )
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, config: ConfigOption = None) -> None:
+    """Revoke a key; every gateway process refuses it within auth.key_refresh_s."""
+    info = _key_store(config).revoke(key_id)
+    if info is None:
+        _fail(f"there is no key {key_id!r}")
+    typer.echo(f"revoked {key_id}")
+
+
+@secrets_app.command("create-master-key")
+def create_master_key(path: Path) -> None:
+    """Write a new random master key (base64, mode 0600) to PATH."""
+    from gateway.credentials import create_key_file
+
+    try:
+        create_key_file(path)
+    except FileExistsError:
+        _fail(f"{path} exists; not overwriting a master key")
+    err.print(f"master key written to {path}; set BASTION_MASTER_KEY_FILE={path.resolve()}")
 
 
 @config_app.command("check")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 import yaml
 from pydantic import (
@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     FilePath,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -206,7 +207,48 @@ class CanarySettings(Section):
     share: float = Field(gt=0, lt=1)
 
 
-class Settings(BaseSettings):
+class StoreSettings(BaseSettings):
+    """What the stores and secrets need: enough for ``bastion keys`` without upstreams."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BASTION_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        frozen=True,
+    )
+
+    dev: bool = False
+    """A development setup: lets ``bastion serve`` start without production secrets."""
+    database_url: str = "sqlite:///bastion.db"
+    """SQLAlchemy URL of the store (keys, audit, privacy ledger); ``postgresql://`` works."""
+    redis_url: str | None = None
+    elasticsearch_url: str | None = None
+    master_key: SecretStr | None = Field(default=None, repr=False)
+    """32 random bytes, base64; from BASTION_MASTER_KEY only (never the YAML)."""
+    master_key_file: Path | None = None
+    signing_key_file: Path | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML document arrives as init kwargs (see load_settings); environment
+        # variables must win over it and CLI overrides over both, so the YAML part is
+        # passed under a private key and re-ordered here.
+        assert isinstance(init_settings, InitSettingsSource)
+        kwargs = dict(init_settings.init_kwargs)
+        yaml_doc = kwargs.pop("__yaml__", {})
+        overrides = InitSettingsSource(settings_cls, init_kwargs=kwargs)
+        from_yaml = InitSettingsSource(settings_cls, init_kwargs=yaml_doc)
+        return (overrides, env_settings, from_yaml)
+
+
+class Settings(StoreSettings):
     """The whole validated configuration, read once at start-up and passed down."""
 
     model_config = SettingsConfigDict(
@@ -216,8 +258,6 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
-    dev: bool = False
-    """A development setup: lets ``bastion serve`` start without production secrets."""
     server: ServerSettings = ServerSettings()
     upstreams: list[UpstreamSettings] = Field(min_length=1)
     timeouts: TimeoutSettings = TimeoutSettings()
@@ -228,9 +268,6 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     rate_limits: RateLimitSettings = RateLimitSettings()
     priority: PrioritySettings = PrioritySettings()
-    database_url: str | None = None
-    redis_url: str | None = None
-    elasticsearch_url: str | None = None
 
     @model_validator(mode="after")
     def _check_references(self) -> Self:
@@ -257,25 +294,6 @@ class Settings(BaseSettings):
     def models(self) -> list[str]:
         """Every model name served by some upstream, in configuration order."""
         return list(dict.fromkeys(m for u in self.upstreams for m in u.models))
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The YAML document arrives as init kwargs (see load_settings); environment
-        # variables must win over it and CLI overrides over both, so the YAML part is
-        # passed under a private key and re-ordered here.
-        assert isinstance(init_settings, InitSettingsSource)
-        kwargs = dict(init_settings.init_kwargs)
-        yaml_doc = kwargs.pop("__yaml__", {})
-        overrides = InitSettingsSource(settings_cls, init_kwargs=kwargs)
-        from_yaml = InitSettingsSource(settings_cls, init_kwargs=yaml_doc)
-        return (overrides, env_settings, from_yaml)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -319,12 +337,33 @@ def _describe(error: ValidationError) -> str:
     return f"{location}: {message}"
 
 
+SECRET_FIELDS = ("master_key",)
+
+
+SettingsT = TypeVar("SettingsT", bound=StoreSettings)
+
+
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     """Read, merge and validate the configuration, or raise :class:`ConfigError`."""
+    return _load(Settings, path, overrides)
+
+
+def load_store_settings(path: str | Path | None = None) -> StoreSettings:
+    """Only the store and secret settings (other sections are not checked)."""
+    return _load(StoreSettings, path, {})
+
+
+def _load(cls: type[SettingsT], path: str | Path | None, overrides: dict[str, Any]) -> SettingsT:
     config_path = path if path is not None else os.environ.get(CONFIG_ENV_VAR)
     yaml_doc = _read_yaml(Path(config_path)) if config_path else {}
+    for field in SECRET_FIELDS:
+        if field in yaml_doc:
+            raise ConfigError(
+                f"{field}: secrets are never read from the YAML; "
+                f"set BASTION_{field.upper()} or BASTION_{field.upper()}_FILE"
+            )
     clean = {key: value for key, value in overrides.items() if value is not None}
     try:
-        return Settings(__yaml__=yaml_doc, **clean)  # type: ignore[call-arg]
+        return cls(__yaml__=yaml_doc, **clean)  # type: ignore[call-arg]
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from exc

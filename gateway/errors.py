@@ -51,6 +51,34 @@ class InvalidRequest(GatewayError):
     code = "invalid_request"
 
 
+class Unauthorized(GatewayError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"www-authenticate", b'Bearer realm="bastion"')]
+
+
+class Forbidden(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, headers: list[tuple[bytes, bytes]]) -> None:
+        super().__init__(message)
+        self._headers = headers
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return self._headers
+
+
 class NotFound(GatewayError):
     status = 404
     type = "invalid_request_error"

@@ -1,11 +1,9 @@
-"""Forwarding one OpenAI request to an upstream and its answer back to the client.
+"""Forwarding one checked OpenAI request to an upstream and its answer back to the client.
 
-Each endpoint is a pure ASGI app (:class:`ProxyEndpoint`). For a request it reads the
-body under the size cap, checks it, resolves the model (canaries included), then tries
-upstreams chosen by :class:`UpstreamPool` until one answers. Retries happen only while
-nothing has reached the client. Streams are passed on event by event; if the upstream
-fails after the first byte, the stream ends with an error event. A client that goes
-away closes the upstream connection at once.
+:class:`Forwarder` tries upstreams chosen by :class:`UpstreamPool` until one answers.
+Retries happen only while nothing has reached the client. Streams are passed on event
+by event; if the upstream fails after the first byte, the stream ends with an error
+event. A client that goes away closes the upstream connection at once.
 """
 
 from __future__ import annotations
@@ -14,15 +12,10 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-import orjson
-
 from gateway.asgi import (
     DisconnectGuard,
     Receive,
-    Scope,
     Send,
-    read_body,
-    request_id_of,
     send_json,
 )
 from gateway.config import Settings
@@ -32,10 +25,10 @@ from gateway.errors import (
     UpstreamFailed,
     sse_error_event,
 )
-from gateway.schemas import _Body, parse_body
 from gateway.sse import SSEFramer
 from gateway.transport import UpstreamResponse, UpstreamTransport
 from gateway.upstreams import Upstream, UpstreamPool
+from gateway.usage import Usage, usage_of_body, usage_of_event
 
 log = logging.getLogger("bastion.proxy")
 
@@ -53,6 +46,21 @@ class ProxyRequest:
     model: str
     stream: bool
     request_id: str
+    response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    """Added to the answer (e.g. ``x-ratelimit-*``)."""
+    hide_usage_chunk: bool = False
+    """The gateway asked for usage in a stream the client did not: drop that chunk."""
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What became of a forwarded request, for accounting and the audit record."""
+
+    status: int = 0
+    upstream: str | None = None
+    usage: Usage | None = None
+    completed: bool = False
+    client_gone: bool = False
 
 
 @dataclass(slots=True)
@@ -112,22 +120,27 @@ class Forwarder:
             raise NoHealthyUpstream(f"No healthy upstream serves the model '{request.model}'.")
         raise attempts.failure
 
-    def response_headers(self, upstream: Upstream) -> list[tuple[bytes, bytes]]:
+    def response_headers(
+        self, request: ProxyRequest, upstream: Upstream
+    ) -> list[tuple[bytes, bytes]]:
         if self._expose_upstream:
-            return [(b"x-bastion-upstream", upstream.name.encode())]
-        return []
+            return [*request.response_headers, (b"x-bastion-upstream", upstream.name.encode())]
+        return request.response_headers
 
-    async def respond(self, request: ProxyRequest, send: Send, receive: Receive) -> None:
+    async def respond(self, request: ProxyRequest, send: Send, receive: Receive) -> Outcome:
         """Answer the client; if it goes away first, the upstream request is closed."""
+        outcome = Outcome()
         async with DisconnectGuard(receive) as guard:
             if request.stream:
-                await self._respond_stream(request, send)
+                await self._respond_stream(request, send, outcome)
             else:
-                await self._respond_whole(request, send)
+                await self._respond_whole(request, send, outcome)
         if guard.client_gone:
+            outcome.client_gone = True
             log.info("client went away; upstream request %s closed", request.request_id)
+        return outcome
 
-    async def _respond_whole(self, request: ProxyRequest, send: Send) -> None:
+    async def _respond_whole(self, request: ProxyRequest, send: Send, outcome: Outcome) -> None:
         # Reading the body may still fail; nothing reached the client, so try again.
         attempts = Attempts()
         while True:
@@ -142,82 +155,73 @@ class Forwarder:
                 raise
             upstream.breaker.record_success()
             break
+        outcome.status, outcome.upstream = response.status, upstream.name
+        outcome.usage = usage_of_body(body) if response.status == 200 else None
         headers = [
             (b"content-type", response.content_type.encode()),
             (b"content-length", str(len(body)).encode()),
-            *self.response_headers(upstream),
+            *self.response_headers(request, upstream),
         ]
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+        outcome.completed = True
 
-    async def _respond_stream(self, request: ProxyRequest, send: Send) -> None:
+    async def _respond_stream(self, request: ProxyRequest, send: Send, outcome: Outcome) -> None:
         upstream, response = await self.open(request, Attempts())
+        outcome.status, outcome.upstream = response.status, upstream.name
         if response.status != 200 or "text/event-stream" not in response.content_type:
             # An upstream refusal of a stream request (400, 404...) comes as plain JSON.
             body = await response.read()
             upstream.breaker.record_success()
-            await send_json(send, response.status, body, self.response_headers(upstream))
+            await send_json(send, response.status, body, self.response_headers(request, upstream))
+            outcome.completed = True
             return
         upstream.breaker.record_success()
         await send(
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": [*_STREAM_HEADERS, *self.response_headers(upstream)],
+                "headers": [*_STREAM_HEADERS, *self.response_headers(request, upstream)],
             }
         )
-        await _pump_stream(upstream, response, send)
+        await _pump_stream(request, upstream, response, send, outcome)
 
 
-async def _pump_stream(upstream: Upstream, response: UpstreamResponse, send: Send) -> None:
+def _take_usage(events: bytes, hide_usage_chunk: bool, outcome: Outcome) -> bytes:
+    """Note the usage an event carries; drop a usage-only chunk the client did not ask for."""
+    kept = []
+    for event in events.split(b"\n\n"):
+        found = usage_of_event(event)
+        if found is not None:
+            outcome.usage, usage_only = found
+            if usage_only and hide_usage_chunk:
+                continue
+        kept.append(event)
+    return b"\n\n".join(kept)
+
+
+async def _pump_stream(
+    request: ProxyRequest,
+    upstream: Upstream,
+    response: UpstreamResponse,
+    send: Send,
+    outcome: Outcome,
+) -> None:
     """Pass SSE events on until the upstream ends or fails."""
     framer = SSEFramer()
     try:
         async for chunk in response.iter_chunks():
             events = framer.feed(chunk)
+            if b'"prompt_tokens"' in events:
+                events = _take_usage(events, request.hide_usage_chunk, outcome)
             if events:
                 await send({"type": "http.response.body", "body": events, "more_body": True})
         await send({"type": "http.response.body", "body": framer.finish(), "more_body": False})
+        outcome.completed = True
     except GatewayError as exc:
         upstream.breaker.record_failure()
+        outcome.status = exc.status
         log.warning("upstream %s failed mid-stream: %s", upstream.name, exc.message)
         await send({"type": "http.response.body", "body": sse_error_event(exc)})
     finally:
         await response.close()
-
-
-class ProxyEndpoint:
-    """The ASGI app behind one OpenAI route, e.g. ``POST /v1/chat/completions``."""
-
-    def __init__(
-        self,
-        path: str,
-        schema: type[_Body],
-        forwarder: Forwarder,
-        pool: UpstreamPool,
-        max_body_bytes: int,
-        streams: bool,
-    ) -> None:
-        self._path = path
-        self._schema = schema
-        self._forwarder = forwarder
-        self._pool = pool
-        self._max_body_bytes = max_body_bytes
-        self._streams = streams
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raw = await read_body(scope, receive, self._max_body_bytes)
-        body = parse_body(raw, self._schema)
-        requested = body["model"]
-        model = self._pool.resolve_model(requested)
-        if model != requested:
-            body["model"] = model
-            raw = orjson.dumps(body)
-        request = ProxyRequest(
-            path=self._path,
-            body=raw,
-            model=model,
-            stream=self._streams and body.get("stream") is True,
-            request_id=request_id_of(scope),
-        )
-        await self._forwarder.respond(request, send, receive)

@@ -1,0 +1,79 @@
+"""Admission of a model call: allow-lists, rate limits and scheduling priority.
+
+:meth:`Admission.admit` runs after authentication, before anything is forwarded; it
+refuses a model outside the caller's allow-lists (403) or over its rate limits (429,
+or 503 when the limiter's backend is down and set to fail closed), and says what to add
+to the request (vLLM ``priority``) and to the response (``x-ratelimit-*``).
+:meth:`Admission.settle` corrects the token bucket from the usage the upstream reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from gateway.config import Settings
+from gateway.errors import Forbidden, GatewayError, RateLimited
+from gateway.rbac import ModelPolicy, Principal
+from gateway.usage import Usage, estimate_tokens
+
+if TYPE_CHECKING:
+    from gateway.ratelimit import RateLimiter
+
+
+class RateLimiterUnavailable(GatewayError):
+    status = 503
+    type = "service_unavailable"
+    code = "rate_limiter_unavailable"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"retry-after", b"1")]
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    reserved_tokens: int
+    response_headers: list[tuple[bytes, bytes]]
+    priority: int | None
+
+
+class Admission:
+    def __init__(self, settings: Settings, limiter: RateLimiter | None) -> None:
+        self._policy = ModelPolicy(settings.auth.role_models)
+        self._limiter = limiter
+        self._tiers = settings.priority.tiers if settings.priority.enabled else {}
+
+    @property
+    def counts_tokens(self) -> bool:
+        return self._limiter is not None
+
+    async def admit(self, principal: Principal, model: str, body: dict[str, Any]) -> Admitted:
+        if not self._policy.allows(principal, model):
+            raise Forbidden(
+                f"Your key is not allowed to use the model '{model}'.", code="model_not_allowed"
+            )
+        reserved = 0
+        headers: list[tuple[bytes, bytes]] = []
+        if self._limiter is not None:
+            reserved = estimate_tokens(body)
+            decision = await self._limiter.check(principal.key_id, reserved)
+            headers = decision.headers()
+            if not decision.allowed:
+                if decision.degraded:
+                    raise RateLimiterUnavailable("Rate limiting is unavailable; try again.")
+                raise RateLimited(
+                    "Rate limit reached for your key: "
+                    f"{decision.limit_requests} requests and {decision.limit_tokens} tokens "
+                    "allowed; see the x-ratelimit-* headers.",
+                    headers,
+                )
+        priority = self._tiers.get(principal.tier)
+        return Admitted(reserved, headers, priority or None)
+
+    async def settle(self, principal: Principal, admitted: Admitted, usage: Usage | None) -> None:
+        """Replace the estimate by the real count (nothing is known: keep the estimate)."""
+        if self._limiter is None or usage is None:
+            return
+        delta = usage.total_tokens - admitted.reserved_tokens
+        if delta:
+            await self._limiter.adjust(principal.key_id, delta)

@@ -1,0 +1,121 @@
+"""Authentication (who is calling) and the per-route permission check (may they).
+
+:class:`AuthenticationMiddleware` turns a ``Bearer`` API key, or a verified client
+certificate mapped to a principal, into ``scope["state"]["principal"]``; a key that is
+present but malformed, unknown, revoked or expired is refused with 401 at once.
+:class:`Guarded` wraps a route's endpoint with the one permission it needs: no
+principal is 401, a principal without the permission is 403.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+from gateway.asgi import ASGIApp, Receive, Scope, Send
+from gateway.config import CertificatePrincipal
+from gateway.errors import Forbidden, Unauthorized
+from gateway.keys import KeyCache
+from gateway.rbac import Principal
+
+DEV_PRINCIPAL = Principal(
+    key_id="dev",
+    roles=frozenset({"admin", "model_admin", "data_scientist", "app", "auditor"}),
+    subject_id=None,
+    models=None,
+    tier="standard",
+    via="dev",
+)
+
+
+def certificate_principals(
+    entries: list[CertificatePrincipal],
+) -> dict[str, Principal]:
+    return {
+        entry.subject: Principal(
+            key_id=f"cert:{entry.subject}",
+            roles=frozenset(entry.roles),
+            subject_id=entry.subject_id,
+            models=frozenset(entry.models) if entry.models is not None else None,
+            tier=entry.tier,
+            via="certificate",
+        )
+        for entry in entries
+    }
+
+
+def _bearer(scope: Scope) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == b"authorization":
+            return value  # type: ignore[no-any-return]
+    return None
+
+
+class AuthenticationMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: KeyCache | None,
+        certificates: Mapping[str, Principal],
+    ) -> None:
+        self.app = app
+        self._keys = keys
+        self._certificates = certificates
+
+    def _principal(self, scope: Scope) -> Principal | None:
+        if self._keys is None:
+            return DEV_PRINCIPAL
+        header = _bearer(scope)
+        if header is not None:
+            scheme, _, credential = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not credential.strip():
+                raise Unauthorized("The Authorization header must be 'Bearer <API key>'.")
+            try:
+                presented = credential.strip().decode("ascii")
+            except UnicodeDecodeError:
+                raise Unauthorized("Malformed API key.") from None
+            checked = self._keys.check(presented, time.time())
+            if isinstance(checked, str):
+                raise Unauthorized(f"Incorrect API key: {checked}.")
+            return Principal(
+                key_id=checked.id,
+                roles=frozenset(checked.roles),
+                subject_id=checked.subject_id,
+                models=frozenset(checked.models) if checked.models is not None else None,
+                tier=checked.tier,
+            )
+        if self._certificates:
+            tls = scope.get("extensions", {}).get("tls") or {}
+            subject = tls.get("client_cert_name")
+            if subject is not None:
+                return self._certificates.get(subject)
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope.setdefault("state", {})["principal"] = self._principal(scope)
+        await self.app(scope, receive, send)
+
+
+def principal_of(scope: Scope) -> Principal:
+    principal: Principal = scope["state"]["principal"]
+    return principal
+
+
+class Guarded:
+    """A route endpoint that needs one permission."""
+
+    def __init__(self, app: ASGIApp, permission: str) -> None:
+        self.app = app
+        self.permission = permission
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.permission != "public":
+            principal: Principal | None = scope["state"].get("principal")
+            if principal is None:
+                raise Unauthorized(
+                    "You didn't provide an API key: send 'Authorization: Bearer <API key>'."
+                )
+            if not principal.has(self.permission):
+                raise Forbidden(f"Your key's roles do not allow this ({self.permission}).")
+        await self.app(scope, receive, send)

@@ -1,0 +1,84 @@
+"""The OpenAI model routes: from an authenticated request to a forwarded one.
+
+One :class:`ModelEndpoint` per route (``POST /v1/chat/completions``...), a pure ASGI
+app: read the body under the size cap, check it, resolve the model (404; canaries),
+admit the caller (allow-lists 403, rate limits 429), shape the body sent upstream
+(canary version, vLLM priority, usage in streams), forward, then settle the token count.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from gateway.admission import Admission
+from gateway.asgi import Receive, Scope, Send, read_body, request_id_of
+from gateway.errors import GatewayError
+from gateway.middleware.auth import principal_of
+from gateway.proxy import Forwarder, ProxyRequest
+from gateway.schemas import _Body, parse_body
+from gateway.upstreams import UpstreamPool
+from gateway.usage import Usage
+
+NO_USAGE = Usage(0, 0, 0)
+
+
+class ModelEndpoint:
+    def __init__(
+        self,
+        path: str,
+        schema: type[_Body],
+        forwarder: Forwarder,
+        pool: UpstreamPool,
+        admission: Admission,
+        max_body_bytes: int,
+        streams: bool,
+    ) -> None:
+        self._path = path
+        self._schema = schema
+        self._forwarder = forwarder
+        self._pool = pool
+        self._admission = admission
+        self._max_body_bytes = max_body_bytes
+        self._streams = streams
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = await read_body(scope, receive, self._max_body_bytes)
+        body = parse_body(raw, self._schema)
+        principal = principal_of(scope)
+        requested = body["model"]
+        model = self._pool.resolve_model(requested)
+        admitted = await self._admission.admit(principal, requested, body)
+        stream = self._streams and body.get("stream") is True
+
+        changes: dict[str, Any] = {}
+        if model != requested:
+            changes["model"] = model
+        if admitted.priority is not None:
+            changes["priority"] = admitted.priority
+        hide_usage_chunk = False
+        if stream and self._admission.counts_tokens:
+            options = body.get("stream_options") or {}
+            if not options.get("include_usage"):
+                changes["stream_options"] = {**options, "include_usage": True}
+                hide_usage_chunk = True
+        if changes:
+            raw = orjson.dumps({**body, **changes})
+
+        request = ProxyRequest(
+            path=self._path,
+            body=raw,
+            model=model,
+            stream=stream,
+            request_id=request_id_of(scope),
+            response_headers=admitted.response_headers,
+            hide_usage_chunk=hide_usage_chunk,
+        )
+        try:
+            outcome = await self._forwarder.respond(request, send, receive)
+        except GatewayError:
+            # Nothing was generated: give the reserved tokens back.
+            await self._admission.settle(principal, admitted, NO_USAGE)
+            raise
+        await self._admission.settle(principal, admitted, outcome.usage)

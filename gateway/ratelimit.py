@@ -1,0 +1,466 @@
+"""Per-key rate limits: a requests bucket and a tokens bucket, checked and charged together.
+
+* requests: capacity ``burst``, refilled at ``requests_per_second``; a request costs 1.
+* tokens: capacity ``tokens_per_minute``, refilled at ``tokens_per_minute / 60`` per
+  second; a request costs an estimate made from its prompt before it is forwarded. Once
+  the response's usage is known, :meth:`RateLimiter.adjust` charges the difference. The
+  bucket may go negative, so a key that under-estimated pays the debt back before its
+  next request gets through.
+
+:class:`MemoryRateLimiter` keeps the buckets in the process (one worker, development,
+tests); :class:`RedisRateLimiter` keeps them in Redis so every gateway process shares
+them. :func:`build_rate_limiter` picks one from the configuration. Callers that find
+``settings.enabled`` false skip rate limiting altogether instead of asking either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
+
+from gateway.config import RateLimitSettings
+from monitors.metrics import RATELIMIT_BACKEND_ERRORS, RATELIMIT_BACKEND_UP
+
+log = logging.getLogger("bastion.ratelimit")
+
+DEFAULT_PREFIX = "bastion:rl:"
+
+# Float refills leave levels like 0.9999999999 where 1 is meant; without the slack a
+# request arriving exactly on time would be refused.
+_EPSILON = 1e-9
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Both buckets' capacities and refill rates (per second)."""
+
+    request_capacity: int
+    request_rate: float
+    token_capacity: int
+    token_rate: float
+
+    @classmethod
+    def from_settings(cls, settings: RateLimitSettings) -> Limits:
+        burst = settings.burst
+        if burst is None:
+            burst = max(1, int(settings.requests_per_second))
+        return cls(
+            request_capacity=burst,
+            request_rate=settings.requests_per_second,
+            token_capacity=settings.tokens_per_minute,
+            token_rate=settings.tokens_per_minute / 60.0,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RateDecision:
+    """The verdict on one request, with the figures behind OpenAI's rate-limit headers.
+
+    ``degraded`` is true when the backend could not be asked and the configured failure
+    mode decided instead: allowed (open) or refused (closed). A refused degraded
+    decision is an outage, not the key's fault: answer 503, not 429. Degraded decisions
+    report full buckets, since the real levels are unknown.
+    """
+
+    allowed: bool
+    limit_requests: int
+    remaining_requests: int
+    reset_requests_s: float
+    """Seconds until the requests bucket is full again."""
+    limit_tokens: int
+    remaining_tokens: int
+    reset_tokens_s: float
+    """Seconds until the tokens bucket is full again."""
+    retry_after_s: float
+    """When refused: seconds until this request would be allowed; 0 when allowed."""
+    degraded: bool = False
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """OpenAI's ``x-ratelimit-*`` headers, plus ``retry-after`` when refused.
+
+        ``retry-after-ms`` (read first by the official clients) goes with ``retry-after``
+        so that a client waits 200 ms rather than a whole second.
+        """
+        headers = [
+            (b"x-ratelimit-limit-requests", b"%d" % self.limit_requests),
+            (b"x-ratelimit-remaining-requests", b"%d" % self.remaining_requests),
+            (b"x-ratelimit-reset-requests", format_reset(self.reset_requests_s).encode()),
+            (b"x-ratelimit-limit-tokens", b"%d" % self.limit_tokens),
+            (b"x-ratelimit-remaining-tokens", b"%d" % self.remaining_tokens),
+            (b"x-ratelimit-reset-tokens", format_reset(self.reset_tokens_s).encode()),
+        ]
+        if not self.allowed:
+            wait_ms = max(1, _ceil_ms(self.retry_after_s))
+            headers.append((b"retry-after", b"%d" % max(1, math.ceil(wait_ms / 1000))))
+            headers.append((b"retry-after-ms", b"%d" % wait_ms))
+        return headers
+
+
+def _ceil_ms(seconds: float) -> int:
+    # Rounded to the microsecond first: 0.07 * 1000 is 70.00000000000001, not 71 ms.
+    return max(0, math.ceil(round(seconds * 1000, 3)))
+
+
+def format_reset(seconds: float) -> str:
+    """A duration the way OpenAI writes resets (Go's style): ``20ms``, ``1s``, ``6m0s``.
+
+    Rounded up to the millisecond: a client waiting that long finds the bucket refilled.
+    """
+    ms = _ceil_ms(seconds)
+    if ms == 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs = str(rest // 1000) if rest % 1000 == 0 else f"{rest / 1000:.3f}".rstrip("0")
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def _decide(
+    limits: Limits, allowed: bool, requests: float, tokens: float, need: float
+) -> RateDecision:
+    """The decision from both levels after the check (after charging, when allowed)."""
+    retry_after = 0.0
+    if not allowed:
+        retry_after = max(
+            (1.0 - requests) / limits.request_rate if requests < 1.0 else 0.0,
+            (need - tokens) / limits.token_rate if tokens < need else 0.0,
+        )
+    return RateDecision(
+        allowed=allowed,
+        limit_requests=limits.request_capacity,
+        remaining_requests=max(0, math.floor(requests + _EPSILON)),
+        reset_requests_s=max(0.0, (limits.request_capacity - requests) / limits.request_rate),
+        limit_tokens=limits.token_capacity,
+        remaining_tokens=max(0, math.floor(tokens + _EPSILON)),
+        reset_tokens_s=max(0.0, (limits.token_capacity - tokens) / limits.token_rate),
+        retry_after_s=retry_after,
+    )
+
+
+class RateLimiter(Protocol):
+    """Per-key buckets; every method is cheap enough for the request path."""
+
+    async def check(self, key_id: str, tokens: int) -> RateDecision:
+        """Take 1 request and ``tokens`` tokens, atomically, if both buckets have room.
+
+        A refused request takes nothing from either bucket. An estimate larger than the
+        whole tokens bucket is let through when the bucket is full (and drives it
+        negative) rather than refused forever.
+        """
+        ...
+
+    async def adjust(self, key_id: str, delta_tokens: int) -> None:
+        """Charge ``delta_tokens`` more (actual usage minus the estimate; negative gives
+        tokens back, never beyond the capacity). The bucket may go negative."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class _Bucket:
+    __slots__ = ("at", "requests", "tokens")
+
+    def __init__(self, requests: float, tokens: float, at: float) -> None:
+        self.requests = requests
+        self.tokens = tokens
+        self.at = at
+
+
+class MemoryRateLimiter:
+    """Buckets in this process; ``clock`` (seconds, monotonic) is injectable for tests.
+
+    A key missing from the table has full buckets, so a key whose buckets are full again
+    is dropped: each call looks at the two oldest entries, drops the full ones and moves
+    the rest to the back. Memory follows the keys active in the last minute or so, not
+    every key ever seen, at O(1) cost per call.
+    """
+
+    def __init__(
+        self, settings: RateLimitSettings, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.limits = Limits.from_settings(settings)
+        self._clock = clock
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def _refill(self, bucket: _Bucket, now: float) -> None:
+        elapsed = max(0.0, now - bucket.at)
+        limits = self.limits
+        bucket.requests = min(
+            limits.request_capacity, bucket.requests + elapsed * limits.request_rate
+        )
+        bucket.tokens = min(limits.token_capacity, bucket.tokens + elapsed * limits.token_rate)
+        bucket.at = max(bucket.at, now)
+
+    def _bucket(self, key_id: str, now: float) -> _Bucket:
+        bucket = self._buckets.get(key_id)
+        if bucket is None:
+            limits = self.limits
+            bucket = _Bucket(limits.request_capacity, limits.token_capacity, now)
+            self._buckets[key_id] = bucket
+        else:
+            self._refill(bucket, now)
+        return bucket
+
+    def _is_full(self, bucket: _Bucket, now: float) -> bool:
+        elapsed = max(0.0, now - bucket.at)
+        limits = self.limits
+        return (
+            bucket.requests + elapsed * limits.request_rate >= limits.request_capacity
+            and bucket.tokens + elapsed * limits.token_rate >= limits.token_capacity
+        )
+
+    def _evict_some(self, now: float) -> None:
+        buckets = self._buckets
+        for _ in range(2):
+            if not buckets:
+                return
+            key_id = next(iter(buckets))
+            if self._is_full(buckets[key_id], now):
+                del buckets[key_id]
+            else:
+                buckets.move_to_end(key_id)
+
+    async def check(self, key_id: str, tokens: int) -> RateDecision:
+        now = self._clock()
+        bucket = self._bucket(key_id, now)
+        cost = max(0, tokens)
+        need = min(cost, self.limits.token_capacity)
+        allowed = bucket.requests >= 1.0 - _EPSILON and bucket.tokens >= need - _EPSILON
+        if allowed:
+            bucket.requests -= 1.0
+            bucket.tokens -= cost
+        decision = _decide(self.limits, allowed, bucket.requests, bucket.tokens, need)
+        self._evict_some(now)
+        return decision
+
+    async def adjust(self, key_id: str, delta_tokens: int) -> None:
+        if delta_tokens == 0 or (delta_tokens < 0 and key_id not in self._buckets):
+            return  # nothing to charge, or tokens given back to a bucket that is full
+        now = self._clock()
+        bucket = self._bucket(key_id, now)
+        bucket.tokens = min(self.limits.token_capacity, bucket.tokens - delta_tokens)
+
+    async def aclose(self) -> None:
+        self._buckets.clear()
+
+
+# One script does a whole check (or adjustment), so it is atomic across every gateway
+# process, and it reads Redis's clock, not the callers' (which drift apart).
+# KEYS[1]: the key's hash {r, t, at}. ARGV: op ("check" | "adjust"), cost (tokens; the
+# delta for adjust), request capacity, request rate/s, token capacity, token rate/s.
+# Returns {allowed (0|1), requests level, tokens level}; levels as strings, because Redis
+# truncates Lua numbers to integers in replies.
+_SCRIPT = """
+local function fmt(x) return string.format('%.17g', x) end
+local op = ARGV[1]
+local cost = tonumber(ARGV[2])
+local cap_r = tonumber(ARGV[3])
+local rate_r = tonumber(ARGV[4])
+local cap_t = tonumber(ARGV[5])
+local rate_t = tonumber(ARGV[6])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'r', 't', 'at')
+local r = tonumber(state[1])
+local t = tonumber(state[2])
+local at = tonumber(state[3])
+if r == nil or t == nil or at == nil then
+  r = cap_r
+  t = cap_t
+  at = now
+end
+-- After a failover TIME may step back: wait for it instead of refilling twice.
+if now < at then now = at end
+r = math.min(cap_r, r + (now - at) * rate_r)
+t = math.min(cap_t, t + (now - at) * rate_t)
+if op == 'check' then
+  if r >= 1 - 1e-9 and t >= math.min(cost, cap_t) - 1e-9 then
+    r = r - 1
+    t = t - cost
+  else
+    return {0, fmt(r), fmt(t)}
+  end
+else
+  t = math.min(cap_t, t - cost)
+end
+-- Expire when both buckets are full again: a missing key means full buckets.
+local ttl = math.max((cap_r - r) / rate_r, (cap_t - t) / rate_t) * 1000 + 1000
+ttl = math.min(math.ceil(ttl), 86400000)
+redis.call('HSET', KEYS[1], 'r', fmt(r), 't', fmt(t), 'at', fmt(now))
+redis.call('PEXPIRE', KEYS[1], string.format('%d', ttl))
+return {1, fmt(r), fmt(t)}
+"""
+_SCRIPT_SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
+
+_LOG_EVERY_S = 30.0
+
+
+class RedisRateLimiter:
+    """Buckets in Redis, shared by every gateway process: one EVALSHA per call.
+
+    It never raises: when Redis fails, ``failure_mode`` decides (``open``: allowed;
+    ``closed``: refused with ``degraded=True``). After a failure Redis is left alone for
+    ``backoff_s``, so a dead or black-holed server costs one timeout per ``backoff_s``,
+    not one per request. Failures increment ``bastion_ratelimit_backend_errors_total``,
+    set ``bastion_ratelimit_backend_up`` to 0, and log at most one warning per 30 s.
+    """
+
+    def __init__(
+        self,
+        settings: RateLimitSettings,
+        client: Redis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        failure_mode: Literal["open", "closed"] | None = None,
+        backoff_s: float = 0.5,
+        owns_client: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limits = Limits.from_settings(settings)
+        self.prefix = prefix
+        self.failure_mode = failure_mode or settings.redis_failure_mode
+        self._client = client
+        self._owns_client = owns_client
+        self._backoff_s = backoff_s
+        self._clock = clock
+        limits = self.limits
+        self._limit_args = (
+            limits.request_capacity,
+            repr(limits.request_rate),
+            limits.token_capacity,
+            repr(limits.token_rate),
+        )
+        open_ = self.failure_mode == "open"
+        self._fallback = RateDecision(
+            allowed=open_,
+            limit_requests=limits.request_capacity,
+            remaining_requests=limits.request_capacity,
+            reset_requests_s=0.0,
+            limit_tokens=limits.token_capacity,
+            remaining_tokens=limits.token_capacity,
+            reset_tokens_s=0.0,
+            retry_after_s=0.0 if open_ else 1.0,
+            degraded=True,
+        )
+        self._up: bool | None = None
+        self._skip_until = 0.0
+        self._next_log_at = 0.0
+        self._errors_unlogged = 0
+
+    @classmethod
+    def from_url(
+        cls,
+        settings: RateLimitSettings,
+        url: str,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        timeout_s: float = 0.25,
+        max_connections: int = 64,
+    ) -> RedisRateLimiter:
+        """A limiter with its own client: short timeouts, no retries, bounded pool.
+
+        redis-py retries failed calls with back-off by default; on the request path a
+        quick degraded answer beats a late exact one, so retries are off.
+        """
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout_s,  # waiting for a free connection
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+        client = Redis.from_pool(pool)
+        return cls(settings, client, prefix=prefix, owns_client=True)
+
+    async def _call(self, op: bytes, key_id: str, cost: int) -> tuple[bool, float, float] | None:
+        """Run the script: (allowed, requests level, tokens level), or None on failure."""
+        if self._skip_until and self._clock() < self._skip_until:
+            return None
+        key = self.prefix + key_id
+        try:
+            try:
+                reply = await self._client.evalsha(_SCRIPT_SHA, 1, key, op, cost, *self._limit_args)
+            except NoScriptError:
+                # First use on this server, or it restarted: EVAL runs and caches it.
+                reply = await self._client.eval(_SCRIPT, 1, key, op, cost, *self._limit_args)
+            allowed, requests, tokens = reply
+            result = (allowed == 1, float(requests), float(tokens))
+        except Exception as exc:
+            # The contract is to never raise: a Redis outage and a surprise alike are
+            # answered by the failure mode, counted and logged, not turned into 500s.
+            self._failed(exc)
+            return None
+        self._succeeded()
+        return result
+
+    def _failed(self, exc: Exception) -> None:
+        now = self._clock()
+        self._skip_until = now + self._backoff_s
+        RATELIMIT_BACKEND_ERRORS.inc()
+        if self._up is not False:
+            self._up = False
+            RATELIMIT_BACKEND_UP.set(0)
+        self._errors_unlogged += 1
+        if now >= self._next_log_at:
+            # No key ids, no URL (it may hold a password): the error's type and text only.
+            log.warning(
+                "rate-limit backend failed (%s: %s); failing %s; %d error(s) since last report",
+                type(exc).__name__,
+                exc,
+                self.failure_mode,
+                self._errors_unlogged,
+            )
+            self._errors_unlogged = 0
+            self._next_log_at = now + _LOG_EVERY_S
+
+    def _succeeded(self) -> None:
+        if self._up is not True:
+            if self._up is False:
+                log.warning("rate-limit backend reachable again")
+            self._up = True
+            RATELIMIT_BACKEND_UP.set(1)
+        self._skip_until = 0.0
+
+    async def check(self, key_id: str, tokens: int) -> RateDecision:
+        cost = max(0, tokens)
+        result = await self._call(b"check", key_id, cost)
+        if result is None:
+            return self._fallback
+        allowed, requests, level = result
+        return _decide(self.limits, allowed, requests, level, min(cost, self.limits.token_capacity))
+
+    async def adjust(self, key_id: str, delta_tokens: int) -> None:
+        if delta_tokens != 0:
+            await self._call(b"adjust", key_id, delta_tokens)
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+
+def build_rate_limiter(settings: RateLimitSettings, redis_url: str | None) -> RateLimiter:
+    """Redis-backed buckets when a Redis URL is configured, else in-process ones."""
+    if redis_url:
+        return RedisRateLimiter.from_url(settings, redis_url)
+    return MemoryRateLimiter(settings)

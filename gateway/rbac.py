@@ -1,0 +1,87 @@
+"""Who may do what: the principal behind a request, permissions per role, model allow-lists.
+
+Every route names one permission (see ``permission=`` in gateway/app.py); this table
+says which roles hold it. ``public`` routes need no key. A data subject acting on their
+own data (``/privacy/subjects/{their id}``) is allowed by ``privacy:self`` whatever
+their roles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from gateway.config import ROLES
+
+Permission = Literal[
+    "public",
+    "models:call",
+    "models:list",
+    "watermark:detect",
+    "keys:manage",
+    "upstreams:read",
+    "audit:read",
+    "privacy:manage",
+    "privacy:self",
+    "metrics:read",
+]
+
+ROLE_PERMISSIONS: Mapping[str, frozenset[str]] = {
+    "admin": frozenset(
+        {
+            "models:call",
+            "models:list",
+            "watermark:detect",
+            "keys:manage",
+            "upstreams:read",
+            "metrics:read",
+        }
+    ),
+    "model_admin": frozenset(
+        {"models:call", "models:list", "watermark:detect", "upstreams:read", "metrics:read"}
+    ),
+    "data_scientist": frozenset({"models:call", "models:list", "watermark:detect"}),
+    "app": frozenset({"models:call", "models:list"}),
+    "auditor": frozenset(
+        {"models:list", "watermark:detect", "audit:read", "privacy:manage", "metrics:read"}
+    ),
+}
+assert set(ROLE_PERMISSIONS) == set(ROLES)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The authenticated caller: an API key, or a client certificate mapped to one."""
+
+    key_id: str
+    roles: frozenset[str]
+    subject_id: str | None
+    models: frozenset[str] | None
+    """The key's own allow-list; None means whatever its roles allow."""
+    tier: str
+    via: Literal["key", "certificate", "dev"] = "key"
+
+    def has(self, permission: str) -> bool:
+        return permission == "public" or any(
+            permission in ROLE_PERMISSIONS[role] for role in self.roles
+        )
+
+
+class ModelPolicy:
+    """Per-key and per-role model allow-lists; a model must pass both."""
+
+    def __init__(self, role_models: Mapping[Any, list[str]]) -> None:
+        self._role_models = {role: frozenset(models) for role, models in role_models.items()}
+
+    def allows(self, principal: Principal, model: str) -> bool:
+        if principal.models is not None and model not in principal.models:
+            return False
+        # The roles allow a model when any of the caller's model-calling roles does.
+        for role in principal.roles:
+            if "models:call" not in ROLE_PERMISSIONS[role]:
+                continue
+            allowed = self._role_models.get(role)
+            if allowed is None or "*" in allowed or model in allowed:
+                return True
+        return False

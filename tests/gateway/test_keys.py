@@ -1,0 +1,138 @@
+"""API keys: format, hashing, the SQL store (SQLite and PostgreSQL) and the in-memory cache."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import Engine, select
+
+from gateway.keys import KeyCache, KeyHasher, KeyInfo, KeyStore, parse_duration, parse_key
+from gateway.store import ApiKeyRow, make_engine, migrate
+
+PEPPER = b"p" * 32
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = make_engine(database_url)
+    migrate(engine)
+    migrate(engine)  # idempotent
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def store(engine: Engine) -> KeyStore:
+    return KeyStore(engine, KeyHasher(PEPPER))
+
+
+def test_key_format_and_parsing() -> None:
+    assert parse_key("bst_0123456789abcdef_" + "A" * 43) == ("0123456789abcdef", "A" * 43)
+    for bad in [
+        "",
+        "sk-123",
+        "bst_0123_" + "A" * 43,
+        "bst_0123456789abcdef_short",
+        "bst_0123456789ABCDEF_" + "A" * 43,
+        "bst_0123456789abcdef_" + "A" * 44,
+    ]:
+        assert parse_key(bad) is None, bad
+
+
+def test_only_a_peppered_hash_is_stored(store: KeyStore, engine: Engine) -> None:
+    key, info = store.create(["app"], subject_id="alice", models=["m1"], tier="batch")
+    key_id, secret = parse_key(key)  # type: ignore[misc]
+    assert key_id == info.id
+    with engine.connect() as connection:
+        row = connection.execute(select(ApiKeyRow)).one()
+    assert secret.encode() not in row.secret_hash and len(row.secret_hash) == 32
+    assert KeyHasher(PEPPER).matches(key_id, secret, row.secret_hash)
+    assert not KeyHasher(b"q" * 32).matches(key_id, secret, row.secret_hash)
+    assert (info.roles, info.subject_id, info.models, info.tier) == (
+        ("app",),
+        "alice",
+        ("m1",),
+        "batch",
+    )
+
+
+def test_lifecycle_create_use_revoke(store: KeyStore) -> None:
+    cache = KeyCache(store, KeyHasher(PEPPER), refresh_s=1)
+    key, info = store.create(["app", "data_scientist"])
+    cache.load()
+    checked = cache.check(key, time.time())
+    assert isinstance(checked, KeyInfo) and checked.roles == ("app", "data_scientist")
+    assert [k.id for k in store.all()] == [info.id]
+    revoked = store.revoke(info.id)
+    assert revoked is not None and revoked.revoked_at is not None
+    assert store.revoke(info.id) is not None  # idempotent
+    assert store.revoke("ffffffffffffffff") is None
+    assert store.all() == [] and [k.id for k in store.all(include_revoked=True)] == [info.id]
+    cache.load()
+    assert cache.check(key, time.time()) == "revoked API key"
+
+
+def test_wrong_secret_unknown_and_malformed(store: KeyStore) -> None:
+    cache = KeyCache(store, KeyHasher(PEPPER), refresh_s=1)
+    key, _ = store.create(["app"])
+    cache.load()
+    tampered = key[:-1] + ("A" if key[-1] != "A" else "B")
+    assert cache.check(tampered, time.time()) == "unknown API key"
+    assert cache.check("bst_0000000000000000_" + "A" * 43, time.time()) == "unknown API key"
+    assert cache.check("Bearer nonsense", time.time()) == "malformed API key"
+
+
+def test_expiry(store: KeyStore) -> None:
+    cache = KeyCache(store, KeyHasher(PEPPER), refresh_s=1)
+    key, info = store.create(["app"], expires_in=timedelta(hours=1))
+    cache.load()
+    assert info.expires_at is not None
+    assert isinstance(cache.check(key, time.time()), KeyInfo)
+    assert cache.check(key, info.expires_at.timestamp() + 1) == "expired API key"
+
+
+async def test_revocation_reaches_another_process_within_the_refresh(engine: Engine) -> None:
+    """Two caches on one database stand for two gateway processes."""
+    hasher = KeyHasher(PEPPER)
+    writer, reader = KeyStore(engine, hasher), KeyCache(KeyStore(engine, hasher), hasher, 0.05)
+    key, info = writer.create(["app"])
+    reader.load()
+    assert isinstance(reader.check(key, time.time()), KeyInfo)
+    reader.start()
+    try:
+        writer.revoke(info.id)
+        deadline = time.monotonic() + 1.0
+        while isinstance(reader.check(key, time.time()), KeyInfo):
+            assert time.monotonic() < deadline, "revocation not seen within a second"
+            await asyncio.sleep(0.02)
+        new_key, _ = writer.create(["auditor"])
+        deadline = time.monotonic() + 1.0
+        while not isinstance(reader.check(new_key, time.time()), KeyInfo):
+            assert time.monotonic() < deadline, "new key not seen within a second"
+            await asyncio.sleep(0.02)
+    finally:
+        await reader.stop()
+
+
+def test_unknown_role_is_refused(store: KeyStore) -> None:
+    with pytest.raises(ValueError, match="unknown role"):
+        store.create(["root"])
+    with pytest.raises(ValueError):
+        store.create([])
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("30d", 30 * 86400), ("12h", 43200), ("90m", 5400), ("1w2d", 777600)]
+)
+def test_parse_duration(text: str, seconds: int) -> None:
+    assert parse_duration(text).total_seconds() == seconds
+
+
+@pytest.mark.parametrize("text", ["", "10", "d", "-5d", "0s", "5y", "3d garbage"])
+def test_parse_duration_refuses(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)

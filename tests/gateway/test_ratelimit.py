@@ -1,0 +1,284 @@
+"""In-process token buckets (with a fake clock), decisions and their headers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from gateway.config import RateLimitSettings
+from gateway.ratelimit import (
+    Limits,
+    MemoryRateLimiter,
+    RateDecision,
+    RedisRateLimiter,
+    build_rate_limiter,
+    format_reset,
+)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def limiter(
+    rps: float = 2.0, burst: int | None = 3, tpm: int = 600
+) -> tuple[MemoryRateLimiter, FakeClock]:
+    clock = FakeClock()
+    settings = RateLimitSettings(requests_per_second=rps, burst=burst, tokens_per_minute=tpm)
+    return MemoryRateLimiter(settings, clock=clock), clock
+
+
+def test_limits_from_settings() -> None:
+    limits = Limits.from_settings(RateLimitSettings(tokens_per_minute=6000))
+    assert limits == Limits(
+        request_capacity=10, request_rate=10.0, token_capacity=6000, token_rate=100.0
+    )
+    # burst defaults to requests_per_second, at least 1
+    assert Limits.from_settings(RateLimitSettings(requests_per_second=0.5)).request_capacity == 1
+    assert Limits.from_settings(RateLimitSettings(burst=7)).request_capacity == 7
+
+
+async def test_burst_then_refused_then_refilled() -> None:
+    rl, clock = limiter(rps=2.0, burst=3)
+    decisions = [await rl.check("k", 0) for _ in range(3)]
+    assert all(d.allowed for d in decisions)
+    assert [d.remaining_requests for d in decisions] == [2, 1, 0]
+    assert decisions[-1].reset_requests_s == pytest.approx(1.5)
+
+    refused = await rl.check("k", 0)
+    assert not refused.allowed and not refused.degraded
+    assert refused.retry_after_s == pytest.approx(0.5)
+
+    clock.advance(0.25)
+    assert not (await rl.check("k", 0)).allowed
+    clock.advance(0.25)
+    allowed = await rl.check("k", 0)
+    assert allowed.allowed and allowed.retry_after_s == 0.0
+    assert allowed.remaining_requests == 0
+
+
+async def test_refill_is_capped_at_capacity() -> None:
+    rl, clock = limiter(rps=2.0, burst=3, tpm=600)
+    await rl.check("k", 600)
+    clock.advance(3600)
+    d = await rl.check("k", 0)
+    assert d.remaining_requests == 2  # 3 (full, not 7200) minus this one
+    assert d.remaining_tokens == 600
+    assert d.reset_tokens_s == 0.0
+
+
+async def test_keys_are_independent() -> None:
+    rl, _ = limiter(burst=1)
+    assert (await rl.check("a", 0)).allowed
+    assert not (await rl.check("a", 0)).allowed
+    assert (await rl.check("b", 0)).allowed
+
+
+async def test_tokens_bucket() -> None:
+    rl, clock = limiter(rps=100.0, burst=100, tpm=600)  # 10 tokens per second
+    first = await rl.check("k", 400)
+    assert first.allowed
+    assert (first.limit_tokens, first.remaining_tokens) == (600, 200)
+    assert first.reset_tokens_s == pytest.approx(40.0)
+
+    refused = await rl.check("k", 250)
+    assert not refused.allowed
+    assert refused.remaining_tokens == 200
+    assert refused.retry_after_s == pytest.approx(5.0)  # 50 tokens short at 10/s
+
+    clock.advance(5.0)
+    assert (await rl.check("k", 250)).allowed
+
+
+async def test_refusal_takes_nothing_from_either_bucket() -> None:
+    rl, _ = limiter(rps=1.0, burst=2, tpm=600)
+    assert (await rl.check("k", 500)).allowed
+    # tokens short: the request is not taken either
+    for _ in range(5):
+        refused = await rl.check("k", 200)
+        assert not refused.allowed
+        assert refused.remaining_requests == 1
+        assert refused.remaining_tokens == 100
+    # requests short (burst spent): no tokens are taken
+    assert (await rl.check("k", 50)).allowed
+    for _ in range(5):
+        refused = await rl.check("k", 10)
+        assert not refused.allowed
+        assert refused.remaining_tokens == 50
+
+
+async def test_estimate_larger_than_the_bucket_passes_when_full_and_goes_negative() -> None:
+    rl, clock = limiter(rps=100.0, burst=100, tpm=600)
+    big = await rl.check("k", 900)
+    assert big.allowed
+    assert big.remaining_tokens == 0
+    assert big.reset_tokens_s == pytest.approx(90.0)  # from -300 to 600 at 10/s
+    refused = await rl.check("k", 1)
+    assert refused.retry_after_s == pytest.approx(30.1)
+    clock.advance(30.1)
+    assert (await rl.check("k", 1)).allowed
+
+
+async def test_adjust_positive_creates_debt_that_is_paid_back() -> None:
+    rl, clock = limiter(rps=100.0, burst=100, tpm=600)
+    assert (await rl.check("k", 100)).allowed
+    await rl.adjust("k", 700)  # used 800, not 100: tokens at -200
+    refused = await rl.check("k", 0)
+    assert not refused.allowed
+    assert refused.remaining_tokens == 0
+    assert refused.retry_after_s == pytest.approx(20.0)
+    assert refused.reset_tokens_s == pytest.approx(80.0)
+    clock.advance(20.0)
+    assert (await rl.check("k", 0)).allowed
+    assert not (await rl.check("k", 1)).allowed
+
+
+async def test_adjust_negative_gives_back_up_to_capacity() -> None:
+    rl, _ = limiter(rps=100.0, burst=100, tpm=600)
+    assert (await rl.check("k", 500)).remaining_tokens == 100
+    await rl.adjust("k", -300)
+    assert (await rl.check("k", 0)).remaining_tokens == 400
+    await rl.adjust("k", -10_000)
+    assert (await rl.check("k", 0)).remaining_tokens == 600
+
+
+async def test_adjust_on_an_unseen_key() -> None:
+    rl, _ = limiter(rps=100.0, burst=100, tpm=600)
+    await rl.adjust("gone", -50)  # giving back to a full bucket: nothing to store
+    await rl.adjust("gone", 0)
+    assert len(rl) == 0
+    await rl.adjust("gone", 100)
+    assert (await rl.check("gone", 0)).remaining_tokens == 500
+
+
+async def test_idle_keys_are_evicted() -> None:
+    rl, clock = limiter(rps=10.0, burst=10, tpm=600)
+    for i in range(1000):
+        await rl.check(f"key-{i}", 10)
+    assert len(rl) >= 900  # none full yet: kept
+    clock.advance(61.0)  # every bucket full again
+    for _ in range(600):
+        await rl.check("busy", 0)
+        clock.advance(0.1)
+    assert len(rl) <= 2
+    # An evicted key starts full, as if it had been kept.
+    assert (await rl.check("key-1", 0)).remaining_tokens == 600
+
+
+async def test_keys_in_debt_are_not_evicted() -> None:
+    rl, clock = limiter(rps=10.0, burst=10, tpm=600)
+    await rl.check("debtor", 0)
+    await rl.adjust("debtor", 5000)
+    clock.advance(61.0)
+    for _ in range(100):
+        await rl.check("busy", 0)
+    assert not (await rl.check("debtor", 0)).allowed
+
+
+async def test_concurrent_tasks_never_exceed_the_bucket() -> None:
+    rps, burst = 200.0, 20
+    rl = MemoryRateLimiter(RateLimitSettings(requests_per_second=rps, burst=burst))
+    allowed = 0
+
+    async def client(deadline: float) -> None:
+        nonlocal allowed
+        while time.monotonic() < deadline:
+            if (await rl.check("shared", 1)).allowed:
+                allowed += 1
+            await asyncio.sleep(0)
+
+    start = time.monotonic()
+    await asyncio.gather(*(client(start + 0.4) for _ in range(50)))
+    elapsed = time.monotonic() - start
+    assert allowed <= burst + rps * elapsed + 1
+    assert allowed >= burst + rps * 0.4 * 0.5  # the limiter let traffic through
+
+
+# --- decisions and headers ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.0, "0s"),
+        (-1.0, "0s"),
+        (0.02, "20ms"),
+        (0.07, "70ms"),
+        (0.0004, "1ms"),
+        (0.999, "999ms"),
+        (1.0, "1s"),
+        (8.64, "8.64s"),
+        (59.9999, "1m0s"),
+        (360.0, "6m0s"),
+        (90.5, "1m30.5s"),
+        (3600.0, "1h0m0s"),
+        (3725.25, "1h2m5.25s"),
+    ],
+)
+def test_format_reset(seconds: float, text: str) -> None:
+    assert format_reset(seconds) == text
+
+
+def decision(**changes: object) -> RateDecision:
+    fields: dict[str, object] = {
+        "allowed": True,
+        "limit_requests": 10,
+        "remaining_requests": 9,
+        "reset_requests_s": 0.1,
+        "limit_tokens": 100_000,
+        "remaining_tokens": 99_000,
+        "reset_tokens_s": 0.6,
+        "retry_after_s": 0.0,
+    }
+    fields.update(changes)
+    return RateDecision(**fields)  # type: ignore[arg-type]
+
+
+def test_headers_when_allowed() -> None:
+    assert decision().headers() == [
+        (b"x-ratelimit-limit-requests", b"10"),
+        (b"x-ratelimit-remaining-requests", b"9"),
+        (b"x-ratelimit-reset-requests", b"100ms"),
+        (b"x-ratelimit-limit-tokens", b"100000"),
+        (b"x-ratelimit-remaining-tokens", b"99000"),
+        (b"x-ratelimit-reset-tokens", b"600ms"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("retry_after_s", "seconds", "ms"),
+    [(0.0, b"1", b"1"), (0.2, b"1", b"200"), (1.0, b"1", b"1000"), (1.5, b"2", b"1500")],
+)
+def test_headers_when_refused(retry_after_s: float, seconds: bytes, ms: bytes) -> None:
+    headers = dict(decision(allowed=False, retry_after_s=retry_after_s).headers())
+    assert headers[b"retry-after"] == seconds
+    assert headers[b"retry-after-ms"] == ms
+    assert b"x-ratelimit-remaining-requests" in headers
+
+
+async def test_headers_from_a_real_refusal() -> None:
+    rl, _ = limiter(rps=100.0, burst=100, tpm=600)
+    await rl.check("k", 600)
+    headers = dict((await rl.check("k", 300)).headers())
+    assert headers[b"x-ratelimit-remaining-tokens"] == b"0"
+    assert headers[b"x-ratelimit-reset-tokens"] == b"1m0s"
+    assert headers[b"retry-after"] == b"30"
+
+
+async def test_build_rate_limiter() -> None:
+    settings = RateLimitSettings()
+    memory = build_rate_limiter(settings, None)
+    assert isinstance(memory, MemoryRateLimiter)
+    redis = build_rate_limiter(settings, "redis://127.0.0.1:6379/0")
+    assert isinstance(redis, RedisRateLimiter)
+    await memory.aclose()
+    await redis.aclose()
