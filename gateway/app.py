@@ -103,6 +103,15 @@ class BastionApp:
             route("/admin/keys/{key_id}", keys.revoke, "DELETE", "keys:manage"),
         ]
 
+    def route_permissions(self) -> list[tuple[str, str, str]]:
+        """Every ``(method, path, permission)`` the app serves, in routing order."""
+        table = []
+        for route in self.router.routes:
+            assert isinstance(route, Route) and isinstance(route.app, Guarded), route
+            methods = sorted(set(route.methods or ()) - {"HEAD"})
+            table.extend((method, route.path, route.app.permission) for method in methods)
+        return table
+
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: object) -> AsyncIterator[None]:
         await asyncio.to_thread(migrate, self.engine)

@@ -85,3 +85,19 @@ class ModelPolicy:
             if allowed is None or "*" in allowed or model in allowed:
                 return True
         return False
+
+
+def permission_table(routes: list[tuple[str, str, str]]) -> str:
+    """The README's Markdown table: each ``(method, path, permission)`` against each role."""
+    roles = list(ROLE_PERMISSIONS)
+    lines = [
+        "| route | permission | " + " | ".join(roles) + " |",
+        "|---|---|" + "---|" * len(roles),
+    ]
+    for method, path, permission in routes:
+        cells = [
+            "✓" if permission == "public" or permission in ROLE_PERMISSIONS[role] else ""
+            for role in roles
+        ]
+        lines.append(f"| `{method} {path}` | {permission} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

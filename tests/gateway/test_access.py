@@ -108,29 +108,29 @@ ROUTES: list[tuple[str, str, dict[str, Any] | None, str]] = [
 ]
 
 
-def test_every_route_is_in_the_matrix() -> None:
-    from starlette.routing import Route
-
+def secure_app() -> Any:
     from gateway.app import BastionApp
     from gateway.config import Settings
-    from gateway.middleware.auth import Guarded
 
     settings = Settings(
         upstreams=[{"name": "a", "url": "http://127.0.0.1:9", "models": ["m1"]}],
         master_key=MASTER_KEY,
         database_url="sqlite://",
     )
-    app = BastionApp(settings)
-    routes = set()
-    for route in app.router.routes:
-        assert isinstance(route, Route)
-        assert isinstance(route.app, Guarded), route.path
-        for method in route.methods or ():
-            if method != "HEAD":
-                routes.add((method, route.path, route.app.permission))
-    assert routes == {
-        (m, p.replace("0000000000000000", "{key_id}"), perm) for m, p, _, perm in ROUTES
-    }
+    return BastionApp(settings)
+
+
+def test_every_route_is_in_the_matrix() -> None:
+    served = set(secure_app().route_permissions())
+    tested = {(m, p.replace("0000000000000000", "{key_id}"), perm) for m, p, _, perm in ROUTES}
+    assert served == tested
+
+
+def test_readme_shows_the_permission_table() -> None:
+    from gateway.rbac import permission_table
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert permission_table(secure_app().route_permissions()) in readme
 
 
 @pytest.mark.parametrize("role", ROLES)
