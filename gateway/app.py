@@ -105,7 +105,7 @@ class BastionApp:
 
     def route_permissions(self) -> list[tuple[str, str, str]]:
         """Every ``(method, path, permission)`` the app serves, in routing order."""
-        table = []
+        table: list[tuple[str, str, str]] = []
         for route in self.router.routes:
             assert isinstance(route, Route) and isinstance(route.app, Guarded), route
             methods = sorted(set(route.methods or ()) - {"HEAD"})

@@ -10,7 +10,8 @@ Backends raise only :class:`UpstreamFailed` and :class:`UpstreamTimeout`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import ssl
+from collections.abc import AsyncIterator, Mapping
 from typing import Literal, Protocol
 
 import aiohttp
@@ -18,6 +19,9 @@ import aiohttp
 from gateway.errors import UpstreamFailed, UpstreamTimeout
 
 TransportName = Literal["aiohttp", "httpx", "httpx-aiohttp"]
+
+UpstreamSSL = Mapping[str, ssl.SSLContext]
+"""An upstream's ``base_url`` -> the context for its requests (gateway.tls builds it)."""
 
 
 class UpstreamResponse(Protocol):
@@ -78,13 +82,31 @@ class _AiohttpResponse:
 
 
 class AiohttpTransport:
-    """One shared aiohttp session with a keep-alive pool for all upstreams."""
+    """One shared aiohttp session with a keep-alive pool for all upstreams.
 
-    def __init__(self, connect_s: float, read_s: float, pool_size: int = 1024) -> None:
+    A URL under a base URL of ``upstream_ssl`` is sent with that context (aiohttp keys
+    pooled connections by it too); any other ``https`` URL with aiohttp's default checks.
+    """
+
+    def __init__(
+        self,
+        connect_s: float,
+        read_s: float,
+        pool_size: int = 1024,
+        upstream_ssl: UpstreamSSL | None = None,
+    ) -> None:
         self._connect_s = connect_s
         self._read_s = read_s
         self._pool_size = pool_size
+        # Longest base URL first, so a nested base URL wins over its prefix.
+        self._ssl = sorted((upstream_ssl or {}).items(), key=lambda item: -len(item[0]))
         self._session: aiohttp.ClientSession | None = None
+
+    def _ssl_for(self, url: str) -> ssl.SSLContext | bool:
+        for base, ctx in self._ssl:
+            if url.startswith(base) and url[len(base) : len(base) + 1] in ("", "/", "?"):
+                return ctx
+        return True
 
     def _get_session(self) -> aiohttp.ClientSession:
         # Created lazily: aiohttp binds the session to the running event loop.
@@ -106,8 +128,11 @@ class AiohttpTransport:
         self, method: str, url: str, headers: dict[str, str], body: bytes | None
     ) -> UpstreamResponse:
         session = self._get_session()
+        ssl_context = self._ssl_for(url)
         try:
-            response = await session.request(method, url, headers=headers, data=body)
+            response = await session.request(
+                method, url, headers=headers, data=body, ssl=ssl_context
+            )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _timeout_or_failure(exc, url) from exc
         return _AiohttpResponse(response, url)
@@ -160,21 +185,40 @@ def _httpx_cause(exc: BaseException) -> BaseException:
 
 
 class HttpxTransport:
-    """httpx's AsyncClient, on its own pool or on aiohttp's (``httpx-aiohttp``)."""
+    """httpx's AsyncClient, on its own pool or on aiohttp's (``httpx-aiohttp``).
+
+    The contexts of ``upstream_ssl`` apply per origin (scheme, host and port).
+    """
 
     def __init__(
-        self, connect_s: float, read_s: float, pool_size: int = 1024, over_aiohttp: bool = False
+        self,
+        connect_s: float,
+        read_s: float,
+        pool_size: int = 1024,
+        over_aiohttp: bool = False,
+        upstream_ssl: UpstreamSSL | None = None,
     ) -> None:
         import httpx
 
         limits = httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size)
         timeout = httpx.Timeout(connect=connect_s, read=read_s, write=read_s, pool=connect_s)
+        mounts: dict[str, httpx.AsyncBaseTransport] = {}
+        for base, ctx in (upstream_ssl or {}).items():
+            origin = str(httpx.URL(base).copy_with(path="/", query=None)).rstrip("/")
+            if over_aiohttp:
+                from httpx_aiohttp import AiohttpTransport as HttpxOverAiohttp
+
+                mounts.setdefault(origin, HttpxOverAiohttp(verify=ctx, limits=limits))
+            else:
+                mounts.setdefault(origin, httpx.AsyncHTTPTransport(verify=ctx, limits=limits))
         if over_aiohttp:
             from httpx_aiohttp import HttpxAiohttpClient
 
-            self._client: httpx.AsyncClient = HttpxAiohttpClient(timeout=timeout, limits=limits)
+            self._client: httpx.AsyncClient = HttpxAiohttpClient(
+                timeout=timeout, limits=limits, mounts=mounts
+            )
         else:
-            self._client = httpx.AsyncClient(timeout=timeout, limits=limits)
+            self._client = httpx.AsyncClient(timeout=timeout, limits=limits, mounts=mounts)
 
     async def send(
         self, method: str, url: str, headers: dict[str, str], body: bytes | None
@@ -192,7 +236,10 @@ class HttpxTransport:
         await self._client.aclose()
 
 
-def build_transport(name: TransportName, connect_s: float, read_s: float) -> UpstreamTransport:
+def build_transport(
+    name: TransportName, connect_s: float, read_s: float, upstream_ssl: UpstreamSSL | None = None
+) -> UpstreamTransport:
     if name == "aiohttp":
-        return AiohttpTransport(connect_s, read_s)
-    return HttpxTransport(connect_s, read_s, over_aiohttp=name == "httpx-aiohttp")
+        return AiohttpTransport(connect_s, read_s, upstream_ssl=upstream_ssl)
+    over_aiohttp = name == "httpx-aiohttp"
+    return HttpxTransport(connect_s, read_s, over_aiohttp=over_aiohttp, upstream_ssl=upstream_ssl)
