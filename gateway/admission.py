@@ -13,21 +13,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gateway.config import Settings
-from gateway.errors import Forbidden, GatewayError, RateLimited
+from gateway.errors import Forbidden, RateLimited, RateLimiterUnavailable
 from gateway.rbac import ModelPolicy, Principal
 from gateway.usage import Usage, estimate_tokens
 
 if TYPE_CHECKING:
     from gateway.ratelimit import RateLimiter
-
-
-class RateLimiterUnavailable(GatewayError):
-    status = 503
-    type = "service_unavailable"
-    code = "rate_limiter_unavailable"
-
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        return [(b"retry-after", b"1")]
 
 
 @dataclass(frozen=True, slots=True)

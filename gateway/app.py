@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router, request_response
@@ -97,6 +98,7 @@ class BastionApp:
             route("/v1/models", self.list_models, "GET", "models:list"),
             route("/healthz", self.healthz, "GET", "public"),
             route("/readyz", self.readyz, "GET", "public"),
+            route("/metrics", self.metrics, "GET", "metrics:read"),
             route("/admin/upstreams", self.list_upstreams, "GET", "upstreams:read"),
             route("/admin/keys", keys.create, "POST", "keys:manage"),
             route("/admin/keys", keys.list, "GET", "keys:manage"),
@@ -154,6 +156,10 @@ class BastionApp:
             "upstreams": [u.describe() for u in self.pool.upstreams],
         }
         return JSONResponse(body, status_code=200 if ready else 503)
+
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus text format (this process's registry; scrape with a metrics:read key)."""
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     async def list_upstreams(self, request: Request) -> Response:
         return JSONResponse({"upstreams": [u.describe() for u in self.pool.upstreams]})

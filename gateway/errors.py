@@ -117,13 +117,23 @@ class UpstreamFailed(GatewayError):
     code = "upstream_error"
 
 
-class NoHealthyUpstream(GatewayError):
+class ServiceUnavailable(GatewayError):
     status = 503
     type = "service_unavailable"
-    code = "no_healthy_upstream"
+    code = "service_unavailable"
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         return [(b"retry-after", b"1")]
+
+
+class NoHealthyUpstream(ServiceUnavailable):
+    code = "no_healthy_upstream"
+
+
+class RateLimiterUnavailable(ServiceUnavailable):
+    """Rate limits are kept in Redis, Redis is down, and the failure mode is "closed"."""
+
+    code = "rate_limiter_unavailable"
 
 
 class UpstreamTimeout(GatewayError):

@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql import func
 
 from gateway.config import ROLES
+from gateway.rbac import Principal
 from gateway.store import ApiKeyRow
 
 log = logging.getLogger("bastion.keys")
@@ -78,7 +79,20 @@ class KeyInfo:
 class CachedKey:
     info: KeyInfo
     secret_hash: bytes
+    principal: Principal
     expires_ts: float | None = field(default=None)
+
+    @classmethod
+    def of(cls, info: KeyInfo, secret_hash: bytes) -> CachedKey:
+        principal = Principal(
+            key_id=info.id,
+            roles=frozenset(info.roles),
+            subject_id=info.subject_id,
+            models=frozenset(info.models) if info.models is not None else None,
+            tier=info.tier,
+        )
+        expires = info.expires_at.timestamp() if info.expires_at else None
+        return cls(info, secret_hash, principal, expires)
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -189,9 +203,7 @@ class KeyStore:
         keys = []
         with Session(self._engine) as session:
             for row in session.scalars(query):
-                info = _info(row)
-                expires = info.expires_at.timestamp() if info.expires_at else None
-                keys.append(CachedKey(info, row.secret_hash, expires))
+                keys.append(CachedKey.of(_info(row), row.secret_hash))
                 updated = _utc(row.updated_at)
                 if updated is not None and (newest is None or updated > newest):
                     newest = updated
@@ -240,8 +252,8 @@ class KeyCache:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
-    def check(self, presented: str, now: float) -> KeyInfo | str:
-        """The key's info if it is valid now, else a reason (for the 401 message)."""
+    def check(self, presented: str, now: float) -> Principal | str:
+        """The key's principal if it is valid now, else a reason (for the 401 message)."""
         parsed = parse_key(presented)
         if parsed is None:
             return "malformed API key"
@@ -253,7 +265,7 @@ class KeyCache:
             return "revoked API key"
         if cached.expires_ts is not None and now >= cached.expires_ts:
             return "expired API key"
-        return cached.info
+        return cached.principal
 
 
 _DURATION = re.compile(r"(\d+)\s*(s|m|h|d|w)")

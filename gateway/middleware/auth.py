@@ -77,13 +77,7 @@ class AuthenticationMiddleware:
             checked = self._keys.check(presented, time.time())
             if isinstance(checked, str):
                 raise Unauthorized(f"Incorrect API key: {checked}.")
-            return Principal(
-                key_id=checked.id,
-                roles=frozenset(checked.roles),
-                subject_id=checked.subject_id,
-                models=frozenset(checked.models) if checked.models is not None else None,
-                tier=checked.tier,
-            )
+            return checked
         if self._certificates:
             tls = scope.get("extensions", {}).get("tls") or {}
             subject = tls.get("client_cert_name")

@@ -99,6 +99,7 @@ ROUTES: list[tuple[str, str, dict[str, Any] | None, str]] = [
     ("POST", "/v1/completions", {"model": "m2", "prompt": "hi"}, "models:call"),
     ("POST", "/v1/embeddings", {"model": "m2", "input": "hi"}, "models:call"),
     ("GET", "/v1/models", None, "models:list"),
+    ("GET", "/metrics", None, "metrics:read"),
     ("GET", "/admin/upstreams", None, "upstreams:read"),
     ("GET", "/admin/keys", None, "keys:manage"),
     ("POST", "/admin/keys", {"roles": ["app"], "description": "matrix"}, "keys:manage"),
@@ -295,6 +296,14 @@ def test_priority_from_the_key_tier(secure: Any) -> None:
     assert upstream.stats()["last_body"]["priority"] == -10
     gateway.http.post("/v1/chat/completions", json=chat_body("m1"), headers=bearer(standard))
     assert "priority" not in upstream.stats()["last_body"]
+
+
+def test_metrics_in_prometheus_format(secure: Any) -> None:
+    gateway, _, keys = secure
+    r = gateway.http.get("/metrics", headers=bearer(keys["auditor"]))
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    assert "bastion_ratelimit_backend_errors_total" in r.text
+    assert keys["auditor"] not in r.text
 
 
 def test_gateway_key_never_reaches_the_upstream(secure: Any) -> None:

@@ -10,7 +10,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import Engine, select
 
-from gateway.keys import KeyCache, KeyHasher, KeyInfo, KeyStore, parse_duration, parse_key
+from gateway.keys import KeyCache, KeyHasher, KeyStore, parse_duration, parse_key
+from gateway.rbac import Principal
 from gateway.store import ApiKeyRow, make_engine, migrate
 
 PEPPER = b"p" * 32
@@ -65,7 +66,8 @@ def test_lifecycle_create_use_revoke(store: KeyStore) -> None:
     key, info = store.create(["app", "data_scientist"])
     cache.load()
     checked = cache.check(key, time.time())
-    assert isinstance(checked, KeyInfo) and checked.roles == ("app", "data_scientist")
+    assert isinstance(checked, Principal) and checked.roles == {"app", "data_scientist"}
+    assert checked.key_id == info.id
     assert [k.id for k in store.all()] == [info.id]
     revoked = store.revoke(info.id)
     assert revoked is not None and revoked.revoked_at is not None
@@ -91,7 +93,7 @@ def test_expiry(store: KeyStore) -> None:
     key, info = store.create(["app"], expires_in=timedelta(hours=1))
     cache.load()
     assert info.expires_at is not None
-    assert isinstance(cache.check(key, time.time()), KeyInfo)
+    assert isinstance(cache.check(key, time.time()), Principal)
     assert cache.check(key, info.expires_at.timestamp() + 1) == "expired API key"
 
 
@@ -101,17 +103,17 @@ async def test_revocation_reaches_another_process_within_the_refresh(engine: Eng
     writer, reader = KeyStore(engine, hasher), KeyCache(KeyStore(engine, hasher), hasher, 0.05)
     key, info = writer.create(["app"])
     reader.load()
-    assert isinstance(reader.check(key, time.time()), KeyInfo)
+    assert isinstance(reader.check(key, time.time()), Principal)
     reader.start()
     try:
         writer.revoke(info.id)
         deadline = time.monotonic() + 1.0
-        while isinstance(reader.check(key, time.time()), KeyInfo):
+        while isinstance(reader.check(key, time.time()), Principal):
             assert time.monotonic() < deadline, "revocation not seen within a second"
             await asyncio.sleep(0.02)
         new_key, _ = writer.create(["auditor"])
         deadline = time.monotonic() + 1.0
-        while not isinstance(reader.check(new_key, time.time()), KeyInfo):
+        while not isinstance(reader.check(new_key, time.time()), Principal):
             assert time.monotonic() < deadline, "new key not seen within a second"
             await asyncio.sleep(0.02)
     finally:
