@@ -271,6 +271,8 @@ class Settings(StoreSettings):
 
     @model_validator(mode="after")
     def _check_references(self) -> Self:
+        if not self.auth.enabled and not self.dev:
+            raise ValueError("auth.enabled: authentication can be off only in a dev setup")
         names = [u.name for u in self.upstreams]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

@@ -96,6 +96,8 @@ def test_config_file_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
             {"upstreams": [UPSTREAM], "canaries": [{"model": "m1", "version": "m9", "share": 0.1}]},
             "canaries.0.version: model 'm9' is not served by any upstream",
         ),
+        ({"upstreams": [UPSTREAM], "auth": {"enabled": False}}, "auth.enabled: authentication"),
+        ({"upstreams": [UPSTREAM], "master_key": "abc"}, "master_key: secrets are never read"),
         (
             {"upstreams": [UPSTREAM], "canaries": [{"model": "m1", "version": "m1", "share": 1.5}]},
             "canaries.0.share:",

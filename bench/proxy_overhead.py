@@ -1,0 +1,1338 @@
+#!/usr/bin/env python3
+"""Proxy overhead benchmark: Bastion vs. a plain nginx reverse proxy vs. LiteLLM's proxy.
+
+Run by hand (not by CI), from the repository root:
+
+    .venv/bin/python bench/proxy_overhead.py                 # everything, 10 s per measurement
+    .venv/bin/python bench/proxy_overhead.py --quick         # 3 s per measurement
+    .venv/bin/python bench/proxy_overhead.py --targets direct,nginx,bastion --no-stream
+
+Every target forwards to the same static upstream (nginx answering fixed OpenAI-shaped
+bodies as fast as it can), so what is measured is the cost of the proxy itself. The gateway
+under test is pinned to one core, wrk and the static upstream to the other. All numbers are
+measured in this run; nothing is hard-coded. See bench/README.md.
+
+Needs: nginx and wrk on PATH (apt-get install nginx wrk), taskset (util-linux), and for the
+LiteLLM target bench/.venv-litellm (bash bench/setup_litellm.sh). Only the standard library
+is used here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import datetime as dt
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+LITELLM_VENV = BENCH_DIR / ".venv-litellm"
+PROJECT_VENV = REPO_ROOT / ".venv"
+WRK_SCRIPT = BENCH_DIR / "wrk_chat.lua"
+UPSTREAM_TEMPLATE = BENCH_DIR / "nginx_upstream.conf.in"
+PROXY_TEMPLATE = BENCH_DIR / "nginx_proxy.conf.in"
+
+ALL_TARGETS = ("direct", "nginx", "litellm", "bastion")
+GATEWAYS = ("nginx", "litellm", "bastion")
+MODEL_JSON = "bench-model"  # served by the JSON upstream
+MODEL_SSE = "bench-model-stream"  # served by the SSE upstream
+# LiteLLM's master key, also sent to direct/nginx (ignored); Bastion gets a key of its own
+# when its auth is on (see start_bastion).
+API_KEY = "sk-bench-master-key-0123456789"
+SCENARIOS = ("chat", "stream")
+
+# Targets from docs (checked by the verdict); not used to produce any measured number.
+TARGET_ADDED_P50_MS = 1.0
+TARGET_RATIO_VS_LITELLM = 40.0
+
+ANSWER = (
+    "Bastion is a gateway that sits between clients and self-hosted language models."
+    " It routes requests, checks health, retries failed upstreams and streams tokens back"
+    " as they arrive."
+)
+# The stream sends the answer one word per event, as a model would (roughly) one token.
+_WORDS = ANSWER.split(" ")
+ANSWER_PIECES = [_WORDS[0], *(" " + w for w in _WORDS[1:])]
+
+
+# --------------------------------------------------------------------------- bodies
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def chat_completion_body() -> str:
+    """A realistic non-streaming chat.completion object with usage."""
+    return _dumps(
+        {
+            "id": "chatcmpl-bench0000000000000000000001",
+            "object": "chat.completion",
+            "created": 1700000000,
+            "model": MODEL_JSON,
+            "system_fingerprint": "fp_bench0001",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": ANSWER, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": 42,
+                "completion_tokens": len(ANSWER_PIECES),
+                "total_tokens": 42 + len(ANSWER_PIECES),
+            },
+        }
+    )
+
+
+def sse_body() -> str:
+    """A fixed SSE stream: a role chunk, content chunks, a finish chunk, then [DONE]."""
+    base = {
+        "id": "chatcmpl-bench0000000000000000000002",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": MODEL_SSE,
+        "system_fingerprint": "fp_bench0001",
+    }
+
+    def chunk(delta: dict[str, Any], finish: str | None) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return "data: " + _dumps({**base, "choices": [choice]}) + "\n\n"
+
+    events = [chunk({"role": "assistant", "content": ""}, None)]
+    events += [chunk({"content": piece}, None) for piece in ANSWER_PIECES]
+    events.append(chunk({}, "stop"))
+    events.append("data: [DONE]\n\n")
+    return "".join(events)
+
+
+def models_body() -> str:
+    return _dumps(
+        {
+            "object": "list",
+            "data": [
+                {"id": m, "object": "model", "created": 1700000000, "owned_by": "bench"}
+                for m in (MODEL_JSON, MODEL_SSE)
+            ],
+        }
+    )
+
+
+def request_body(model: str, stream: bool) -> str:
+    return _dumps(
+        {
+            "model": model,
+            "messages": [
+                {"role": "system", "content": "You are a concise assistant."},
+                {"role": "user", "content": "In two sentences, what does an LLM gateway do?"},
+            ],
+            "max_tokens": 128,
+            "temperature": 0,
+            "stream": stream,
+        }
+    )
+
+
+def nginx_quote(text: str) -> str:
+    """Make text safe inside a single-quoted nginx string (newlines become \\n escapes)."""
+    for bad in ("'", "\\", "$"):
+        if bad in text:
+            raise ValueError(f"body contains {bad!r}, which the nginx template cannot hold")
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def nginx_parts(text: str, limit: int = 3000) -> list[str]:
+    """Split text at newlines into pieces whose nginx-quoted form stays under limit bytes
+    (nginx rejects a config token longer than 4 KiB)."""
+    parts: list[str] = []
+    current = ""
+    for line in text.splitlines(keepends=True):
+        if len(nginx_quote(line)) > limit:
+            raise ValueError("a single line of the body is too long for nginx")
+        if current and len(nginx_quote(current + line)) > limit:
+            parts.append(current)
+            current = ""
+        current += line
+    if current:
+        parts.append(current)
+    return parts
+
+
+def render(template: Path, out: Path, values: dict[str, str]) -> Path:
+    text = template.read_text()
+    for key, value in values.items():
+        text = text.replace(f"@{key}@", value)
+    code = "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#"))
+    leftover = re.findall(r"@[A-Z_]+@", code)
+    if leftover:
+        raise ValueError(f"unrendered placeholders in {template.name}: {leftover}")
+    out.write_text(text)
+    return out
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pin_prefix(cpu: int | None) -> list[str]:
+    return ["taskset", "-c", str(cpu)] if cpu is not None else []
+
+
+@dataclass
+class Proc:
+    """A server started in its own process group, stopped with the whole group."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        if self.popen.poll() is not None:
+            self._reap_group()
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(timeout=grace_s)
+        self._reap_group()
+
+    def _reap_group(self) -> None:
+        # Children that outlived their leader (e.g. uvicorn workers) still share the group.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class Processes:
+    """Every server this run starts; stop_all() runs in the finally of main()."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[Proc] = []
+
+    def start(
+        self,
+        name: str,
+        cmd: list[str],
+        cpu: int | None,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> Proc:
+        log = self.workdir / f"{name}.log"
+        with log.open("wb") as fh:
+            popen = subprocess.Popen(
+                [*pin_prefix(cpu), *cmd],
+                stdin=subprocess.DEVNULL,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=str(cwd) if cwd else None,
+                start_new_session=True,
+            )
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: Proc) -> None:
+        proc.stop()
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            try:
+                proc.stop()
+            except Exception as exc:  # keep stopping the others
+                print(f"warning: stopping {proc.name}: {exc}", file=sys.stderr)
+        self.procs.clear()
+
+
+def http_request(
+    url_host: str,
+    port: int,
+    method: str,
+    path: str,
+    body: str | None = None,
+    timeout: float = 10.0,
+    api_key: str = API_KEY,
+) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection(url_host, port, timeout=timeout)
+    try:
+        headers = {"Authorization": f"Bearer {api_key}"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        conn.request(
+            method, path, body=body.encode() if body is not None else None, headers=headers
+        )
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+    finally:
+        conn.close()
+
+
+def wait_ready(proc: Proc, port: int, path: str, timeout_s: float, api_key: str = API_KEY) -> None:
+    """Poll GET path until it answers 2xx; fail early if the process died or answers 4xx
+    (an answer that will not change by waiting)."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            tail = proc.log_tail()
+            last_line = next((x for x in reversed(tail.splitlines()) if x.strip()), "")
+            raise RuntimeError(
+                f"{proc.name} exited with status {proc.popen.returncode} before it was ready:"
+                f" {last_line.strip()}\nlog tail:\n{tail}"
+            )
+        try:
+            status, _, data = http_request(
+                "127.0.0.1", port, "GET", path, timeout=2.0, api_key=api_key
+            )
+            if 200 <= status < 300:
+                return
+            last = f"HTTP {status}: {data[:300].decode(errors='replace')}"
+            if 400 <= status < 500:
+                raise RuntimeError(f"{proc.name}: GET {path} answered {last}")
+        except OSError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        time.sleep(0.2)
+    raise RuntimeError(
+        f"{proc.name} not ready on :{port}{path} after {timeout_s:.0f}s ({last}); log tail:\n"
+        f"{proc.log_tail()}"
+    )
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@dataclass
+class Endpoint:
+    """Where one scenario of a target is sent, and the model name to ask for."""
+
+    port: int
+    model: str
+    api_key: str = API_KEY
+    path: str = "/v1/chat/completions"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.path}"
+
+
+@dataclass
+class Target:
+    name: str
+    chat: Endpoint
+    stream: Endpoint
+    procs: list[Proc] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)  # goes into the results file
+
+
+@dataclass
+class Ctx:
+    args: argparse.Namespace
+    workdir: Path
+    processes: Processes
+    json_port: int
+    sse_port: int
+    gateway_cpu: int | None
+    load_cpu: int | None
+
+
+def user_directive() -> str:
+    return "user root;" if os.geteuid() == 0 else ""
+
+
+def nginx_prefix(ctx: Ctx, name: str) -> Path:
+    prefix = ctx.workdir / name
+    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi", "logs"):
+        (prefix / sub).mkdir(parents=True, exist_ok=True)
+    return prefix
+
+
+def start_nginx(
+    ctx: Ctx, name: str, template: Path, values: dict[str, str], cpu: int | None
+) -> Proc:
+    prefix = nginx_prefix(ctx, name)
+    conf = render(
+        template,
+        prefix / "nginx.conf",
+        {"PREFIX": str(prefix), "USER_DIRECTIVE": user_directive(), **values},
+    )
+    test = subprocess.run(
+        ["nginx", "-t", "-q", "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")],
+        capture_output=True,
+        text=True,
+    )
+    if test.returncode != 0:
+        raise RuntimeError(f"nginx -t failed for {name}: {test.stderr.strip()}")
+    cmd = ["nginx", "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
+    return ctx.processes.start(name, cmd, cpu)
+
+
+def start_upstream(ctx: Ctx) -> Proc:
+    parts = nginx_parts(sse_body())
+    sse_sets = "\n            ".join(
+        f"set $sse_{i} '{nginx_quote(part)}';" for i, part in enumerate(parts)
+    )
+    proc = start_nginx(
+        ctx,
+        "upstream-nginx",
+        UPSTREAM_TEMPLATE,
+        {
+            "JSON_PORT": str(ctx.json_port),
+            "SSE_PORT": str(ctx.sse_port),
+            "CHAT_BODY": nginx_quote(chat_completion_body()),
+            "SSE_SETS": sse_sets,
+            "SSE_VARS": "".join(f"${{sse_{i}}}" for i in range(len(parts))),
+            "MODELS_BODY": nginx_quote(models_body()),
+        },
+        ctx.load_cpu,
+    )
+    wait_ready(proc, ctx.json_port, "/health", 15)
+    wait_ready(proc, ctx.sse_port, "/health", 15)
+    return proc
+
+
+def start_direct(ctx: Ctx) -> Target:
+    return Target("direct", Endpoint(ctx.json_port, MODEL_JSON), Endpoint(ctx.sse_port, MODEL_SSE))
+
+
+def start_nginx_proxy(ctx: Ctx) -> Target:
+    pj, ps = free_port(), free_port()
+    proc = start_nginx(
+        ctx,
+        "nginx-proxy",
+        PROXY_TEMPLATE,
+        {
+            "JSON_PORT": str(ctx.json_port),
+            "SSE_PORT": str(ctx.sse_port),
+            "PROXY_JSON_PORT": str(pj),
+            "PROXY_SSE_PORT": str(ps),
+        },
+        ctx.gateway_cpu,
+    )
+    target = Target("nginx", Endpoint(pj, MODEL_JSON), Endpoint(ps, MODEL_SSE), [proc])
+    wait_ready(proc, pj, "/health", 15)
+    wait_ready(proc, ps, "/health", 15)
+    return target
+
+
+def clean_env(drop_prefixes: tuple[str, ...]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(drop_prefixes)}
+    env["PYTHONUNBUFFERED"] = "1"
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    return env
+
+
+def start_litellm(ctx: Ctx) -> Target:
+    exe = ctx.args.litellm_venv / "bin" / "litellm"
+    if not exe.exists():
+        raise SkipTarget(f"{exe} not found: run `bash bench/setup_litellm.sh` first")
+    port = free_port()
+    cfg = ctx.workdir / "litellm.yaml"
+    models = []
+    for name, upstream_port in ((MODEL_JSON, ctx.json_port), (MODEL_SSE, ctx.sse_port)):
+        models.append(
+            {
+                "model_name": name,
+                "litellm_params": {
+                    "model": f"openai/{name}",
+                    "api_base": f"http://127.0.0.1:{upstream_port}/v1",
+                    "api_key": "sk-dummy-upstream-key",
+                },
+            }
+        )
+    config = {
+        "model_list": models,
+        "litellm_settings": {
+            "set_verbose": False,
+            "json_logs": False,
+            "drop_params": True,
+        },
+        "general_settings": {"master_key": API_KEY},
+    }
+    cfg.write_text(json.dumps(config, indent=2))  # JSON is valid YAML
+    env = clean_env(("LITELLM", "DATABASE_URL", "DIRECT_URL", "REDIS", "OPENAI", "STORE_MODEL"))
+    env.update(
+        {
+            "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+            "LITELLM_LOG": "ERROR",
+            "JSON_LOGS": "False",
+        }
+    )
+    cmd = [
+        str(exe),
+        "--config",
+        str(cfg),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--num_workers",
+        "1",
+    ]
+    proc = ctx.processes.start("litellm", cmd, ctx.gateway_cpu, env=env, cwd=ctx.workdir)
+    target = Target("litellm", Endpoint(port, MODEL_JSON), Endpoint(port, MODEL_SSE), [proc])
+    wait_ready(proc, port, "/health/liveliness", ctx.args.startup_timeout)
+    return target
+
+
+def bastion_runnable() -> str | None:
+    """None if `bastion serve` looks runnable, else why not."""
+    exe = PROJECT_VENV / "bin" / "bastion"
+    if not (REPO_ROOT / "gateway" / "cli.py").exists():
+        return "gateway/cli.py does not exist yet"
+    if not exe.exists():
+        return f"{exe} not found (pip install -e '.[gateway]')"
+    probe = subprocess.run(
+        [str(exe), "serve", "--help"], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT
+    )
+    if probe.returncode != 0:
+        err = (probe.stderr or probe.stdout).strip().splitlines()
+        return f"`bastion serve --help` failed: {err[-1] if err else probe.returncode}"
+    return None
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def bastion_cli(args: list[str], env: dict[str, str], cwd: Path) -> str:
+    exe = PROJECT_VENV / "bin" / "bastion"
+    p = subprocess.run(
+        [str(exe), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120
+    )
+    if p.returncode != 0:
+        raise RuntimeError(f"`bastion {' '.join(args)}` failed: {(p.stderr or p.stdout).strip()}")
+    return p.stdout
+
+
+def bastion_resolved(cfg: Path, env: dict[str, str], cwd: Path) -> dict[str, Any]:
+    """The settings as `bastion config check` resolves them ({} if it cannot say)."""
+    try:
+        out = bastion_cli(["config", "check", "--config", str(cfg)], env, cwd)
+    except RuntimeError as exc:
+        if "No such command" in str(exc):
+            return {}
+        raise
+    try:
+        import yaml  # in the project venv, as a gateway dependency
+    except ImportError:
+        return {}
+    doc = yaml.safe_load(out)
+    return doc if isinstance(doc, dict) else {}
+
+
+def start_bastion(ctx: Ctx) -> Target:
+    """Bastion as a deployment would run it, adapted to what this build of it supports.
+
+    The gateway is growing: when its configuration has them, the store goes to the temp dir,
+    auth stays on (a key is created for the benchmark) and rate limits stay on with limits
+    far above what the benchmark sends. --bastion-extra overrides any of it.
+    """
+    why = bastion_runnable()
+    if why:
+        raise SkipTarget(why)
+    port = free_port()
+    cwd = ctx.workdir / "bastion"
+    cwd.mkdir(exist_ok=True)
+    cfg = cwd / "bastion.yaml"
+    env = clean_env(("BASTION_",))
+    # A production start needs a master key (32 random bytes, base64); a fresh one per run.
+    env["BASTION_MASTER_KEY"] = base64.b64encode(os.urandom(32)).decode()
+    config: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": port, "workers": 1},
+        "upstreams": [
+            {
+                "name": "static-json",
+                "url": f"http://127.0.0.1:{ctx.json_port}",
+                "models": [MODEL_JSON],
+            },
+            {
+                "name": "static-sse",
+                "url": f"http://127.0.0.1:{ctx.sse_port}",
+                "models": [MODEL_SSE],
+            },
+        ],
+        "health_check": {"enabled": True, "path": "/health"},
+    }
+    cfg.write_text(json.dumps(config, indent=2))  # JSON is valid YAML
+    resolved = bastion_resolved(cfg, env, cwd)
+    notes: list[str] = []
+    if "database_url" in resolved:
+        config["database_url"] = f"sqlite:///{cwd / 'bastion.db'}"
+    if isinstance(resolved.get("rate_limits"), dict) and resolved["rate_limits"].get("enabled"):
+        config["rate_limits"] = {"requests_per_second": 1e6, "tokens_per_minute": 10**12}
+    config = deep_merge(config, ctx.args.bastion_extra)
+    cfg.write_text(json.dumps(config, indent=2))
+    resolved = bastion_resolved(cfg, env, cwd)
+    limits = resolved.get("rate_limits")
+    if isinstance(limits, dict):
+        if limits.get("enabled"):
+            notes.append(
+                f"rate limits on, at {limits.get('requests_per_second')} requests/s and"
+                f" {limits.get('tokens_per_minute')} tokens/min per key"
+            )
+        else:
+            notes.append("rate limits OFF")
+    if ctx.args.bastion_extra:
+        notes.append(f"--bastion-extra {json.dumps(ctx.args.bastion_extra)}")
+
+    api_key = API_KEY
+    auth = resolved.get("auth")
+    if isinstance(auth, dict) and auth.get("enabled"):
+        out = bastion_cli(
+            [
+                "keys",
+                "create",
+                "--role",
+                "app",
+                "--description",
+                "proxy_overhead benchmark",
+                "--json",
+                "--config",
+                str(cfg),
+            ],
+            env,
+            cwd,
+        )
+        api_key = json.loads(out.strip().splitlines()[-1])["key"]
+        notes.append("auth on, with an API key of role app")
+    elif isinstance(auth, dict):
+        notes.append("auth OFF")
+    for note in notes:
+        print(f"  bastion: {note}", flush=True)
+
+    cmd = [
+        str(PROJECT_VENV / "bin" / "bastion"),
+        "serve",
+        "--config",
+        str(cfg),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    proc = ctx.processes.start("bastion", cmd, ctx.gateway_cpu, env=env, cwd=cwd)
+    target = Target(
+        "bastion",
+        Endpoint(port, MODEL_JSON, api_key),
+        Endpoint(port, MODEL_SSE, api_key),
+        [proc],
+        {"config": config, "notes": notes},
+    )
+    wait_ready(proc, port, "/readyz", ctx.args.startup_timeout, api_key)
+    return target
+
+
+class SkipTarget(Exception):
+    """The target cannot run here (not installed / not implemented yet)."""
+
+
+STARTERS: dict[str, Callable[[Ctx], Target]] = {
+    "direct": start_direct,
+    "nginx": start_nginx_proxy,
+    "litellm": start_litellm,
+    "bastion": start_bastion,
+}
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def preflight(endpoint: Endpoint, stream: bool) -> str | None:
+    """Send one request; None if the answer is a correct chat completion, else the problem."""
+    try:
+        status, headers, data = http_request(
+            "127.0.0.1",
+            endpoint.port,
+            "POST",
+            endpoint.path,
+            request_body(endpoint.model, stream),
+            timeout=30,
+            api_key=endpoint.api_key,
+        )
+    except OSError as exc:
+        return f"request failed: {type(exc).__name__}: {exc}"
+    text = data.decode(errors="replace")
+    if status != 200:
+        return f"HTTP {status}: {text[:300]}"
+    try:
+        if not stream:
+            obj = json.loads(text)
+            content = obj["choices"][0]["message"]["content"]
+            if content != ANSWER:
+                return f"unexpected content {content!r}"
+            return None
+        ctype = headers.get("content-type", "")
+        if "text/event-stream" not in ctype:
+            return f"content-type {ctype!r} is not text/event-stream"
+        pieces: list[str] = []
+        done = False
+        for line in text.splitlines():
+            if not line.startswith("data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == "[DONE]":
+                done = True
+                continue
+            event = json.loads(payload)
+            if "error" in event:
+                return f"error event: {payload[:300]}"
+            for choice in event.get("choices", []):
+                pieces.append((choice.get("delta") or {}).get("content") or "")
+        if not done:
+            return f"stream did not end with [DONE]: {text[-300:]!r}"
+        if "".join(pieces) != ANSWER:
+            return f"streamed content differs: {''.join(pieces)!r}"
+        return None
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        return f"malformed answer ({type(exc).__name__}: {exc}): {text[:300]!r}"
+
+
+# --------------------------------------------------------------------------- wrk
+
+
+def run_wrk(
+    ctx: Ctx, endpoint: Endpoint, stream: bool, connections: int, duration_s: int
+) -> dict[str, Any]:
+    env = dict(os.environ)
+    env["BENCH_BODY"] = request_body(endpoint.model, stream)
+    env["BENCH_API_KEY"] = endpoint.api_key
+    cmd = [
+        *pin_prefix(ctx.load_cpu),
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{duration_s}s",
+        f"--timeout={ctx.args.wrk_timeout}s",
+        "-s",
+        str(WRK_SCRIPT),
+        endpoint.url,
+    ]
+    load_before = os.getloadavg()[0]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, timeout=duration_s + ctx.args.wrk_timeout + 60
+    )
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("BENCH_RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(
+            f"wrk failed (status {proc.returncode}): {proc.stderr.strip()} {proc.stdout.strip()}"
+        )
+    raw = json.loads(line.split(" ", 1)[1])
+    secs = raw["duration_us"] / 1e6
+    errors = raw["errors"]
+    n_err = sum(errors.values())
+    lat = {k: v / 1000.0 for k, v in raw["latency_us"].items()}  # ms
+    return {
+        "connections": connections,
+        "duration_s": round(secs, 3),
+        "requests": raw["requests"],
+        "rps": raw["requests"] / secs if secs else 0.0,
+        "ok_rps": (raw["requests"] - errors["status"]) / secs if secs else 0.0,
+        "bytes": raw["bytes"],
+        "errors": errors,
+        "error_total": n_err,
+        "latency_ms": lat,
+        "loadavg_1m_before": load_before,
+    }
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def measure_target(ctx: Ctx, target: Target, scenarios: list[str]) -> dict[str, Any]:
+    args = ctx.args
+    out: dict[str, Any] = {}
+    for scenario in scenarios:
+        stream = scenario == "stream"
+        endpoint = target.stream if stream else target.chat
+        problem = preflight(endpoint, stream)
+        if problem:
+            print(f"  !!! {target.name}/{scenario}: preflight FAILED: {problem}", flush=True)
+            out[scenario] = {"error": f"preflight failed: {problem}"}
+            continue
+        if args.warmup > 0:
+            warm = run_wrk(ctx, endpoint, stream, args.connections, args.warmup)
+            print(
+                f"  {target.name}/{scenario}: warm-up {warm['requests']} requests"
+                f" ({warm['rps']:.0f} rps, {warm['error_total']} errors)",
+                flush=True,
+            )
+        res: dict[str, Any] = {}
+        for conns in (1, args.connections):
+            r = run_wrk(ctx, endpoint, stream, conns, args.duration)
+            res[f"c{conns}"] = r
+            lat = r["latency_ms"]
+            flag = f"  !!! {r['error_total']} ERRORS {r['errors']}" if r["error_total"] else ""
+            print(
+                f"  {target.name}/{scenario} c={conns}: {r['rps']:.1f} rps,"
+                f" p50 {lat['p50']:.3f} ms, p99 {lat['p99']:.3f} ms{flag}",
+                flush=True,
+            )
+        out[scenario] = res
+    return out
+
+
+def median_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Combine the rounds of one (target, scenario, concurrency): medians, errors summed."""
+    if len(runs) == 1:
+        return runs[0]
+    lat_keys = runs[0]["latency_ms"].keys()
+    errors = {k: sum(r["errors"][k] for r in runs) for k in runs[0]["errors"]}
+    return {
+        "connections": runs[0]["connections"],
+        "rounds": len(runs),
+        "duration_s": sum(r["duration_s"] for r in runs),
+        "requests": sum(r["requests"] for r in runs),
+        "rps": statistics.median(r["rps"] for r in runs),
+        "ok_rps": statistics.median(r["ok_rps"] for r in runs),
+        "bytes": sum(r["bytes"] for r in runs),
+        "errors": errors,
+        "error_total": sum(errors.values()),
+        "latency_ms": {k: statistics.median(r["latency_ms"][k] for r in runs) for k in lat_keys},
+        "per_round_rps": [r["rps"] for r in runs],
+        "per_round_loadavg_1m_before": [r.get("loadavg_1m_before") for r in runs],
+    }
+
+
+def combine_rounds(rounds: list[dict[str, Any]], conns: int) -> dict[str, Any]:
+    """rounds: [{scenario: {cN: result} | {error}}] for one target."""
+    combined: dict[str, Any] = {}
+    for scenario in SCENARIOS:
+        per = [r[scenario] for r in rounds if scenario in r]
+        if not per:
+            continue
+        good = [p for p in per if "error" not in p]
+        if len(good) < len(per):
+            combined[scenario] = {"error": next(p["error"] for p in per if "error" in p)}
+            continue
+        combined[scenario] = {
+            key: median_runs([p[key] for p in good]) for key in ("c1", f"c{conns}")
+        }
+    return combined
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def ratio_str(ratio: float) -> str:
+    if ratio >= 10:
+        return f"{ratio:.1f}x"
+    return f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x"
+
+
+def error_str(errors: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in errors.items() if v) or "none"
+
+
+def pct(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio * 100:.3g}%"
+
+
+def get(results: dict[str, Any], target: str, scenario: str, key: str) -> dict[str, Any] | None:
+    entry = results.get(target, {})
+    if "error" in entry or "skipped" in entry:
+        return None
+    sc = entry.get(scenario)
+    if not sc or "error" in sc:
+        return None
+    value = sc.get(key)
+    return value if isinstance(value, dict) else None
+
+
+def derive(results: dict[str, Any], scenario: str, conns: int) -> dict[str, Any]:
+    """Gateway overheads vs direct and throughput ratios, for one scenario."""
+    hi = f"c{conns}"
+    out: dict[str, Any] = {}
+    d1 = get(results, "direct", scenario, "c1")
+    dhi = get(results, "direct", scenario, hi)
+    for gw in GATEWAYS:
+        g1 = get(results, gw, scenario, "c1")
+        ghi = get(results, gw, scenario, hi)
+        if g1 is None or ghi is None:
+            continue
+        entry: dict[str, Any] = {}
+        if d1 is not None:
+            entry["added_p50_c1_ms"] = g1["latency_ms"]["p50"] - d1["latency_ms"]["p50"]
+            entry["added_p99_c1_ms"] = g1["latency_ms"]["p99"] - d1["latency_ms"]["p99"]
+        if dhi is not None:
+            entry[f"added_p50_{hi}_ms"] = ghi["latency_ms"]["p50"] - dhi["latency_ms"]["p50"]
+            entry["rps_ratio_vs_direct"] = ghi["rps"] / dhi["rps"] if dhi["rps"] else None
+        for other in ("nginx", "litellm"):
+            if other == gw:
+                continue
+            o = get(results, other, scenario, hi)
+            if o is not None and o["rps"]:
+                entry[f"rps_ratio_vs_{other}"] = ghi["rps"] / o["rps"]
+        out[gw] = entry
+    return out
+
+
+def print_tables(results: dict[str, Any], scenario: str, conns: int, title: str) -> None:
+    hi = f"c{conns}"
+    print()
+    print(title)
+    header = (
+        f"{'target':<9} {'rps@' + str(conns):>10} {'p50@1':>9} {'p99@1':>9}"
+        f" {'p50@' + str(conns):>9} {'p99@' + str(conns):>9}  errors"
+    )
+    print(header)
+    print("-" * len(header) + "--------")
+    for target in ALL_TARGETS:
+        if target not in results:
+            continue
+        entry = results[target]
+        if "skipped" in entry or "error" in entry:
+            if "skipped" in entry:
+                why = f"skipped: {entry['skipped']}"
+            else:
+                why = f"!!! FAILED: {entry['error'].splitlines()[0] if entry['error'] else ''}"
+            print(f"{target:<9} ({why})"[:160])
+            continue
+        sc = entry.get(scenario)
+        if sc is None:
+            continue
+        if "error" in sc:
+            print(f"{target:<9} !!! FAILED: {sc['error']}"[:160])
+            continue
+        r1, rh = sc["c1"], sc[hi]
+        n_err = r1["error_total"] + rh["error_total"]
+        err = (
+            "0"
+            if n_err == 0
+            else f"{n_err}  !!! ERRORS: c=1 {error_str(r1['errors'])};"
+            f" c={conns} {error_str(rh['errors'])}"
+        )
+        print(
+            f"{target:<9} {rh['rps']:>10.1f} {r1['latency_ms']['p50']:>9.3f}"
+            f" {r1['latency_ms']['p99']:>9.3f} {rh['latency_ms']['p50']:>9.3f}"
+            f" {rh['latency_ms']['p99']:>9.3f}  {err}"
+        )
+    print("(rps: requests/s, wrk -t1; latencies in ms; @1 = 1 connection)")
+
+    derived = derive(results, scenario, conns)
+    if not derived:
+        return
+    print()
+    header = (
+        f"{'gateway':<9} {'+p50@1 ms':>10} {'+p99@1 ms':>10} {'+p50@' + str(conns) + ' ms':>11}"
+        f" {'rps/direct':>11}  throughput ratios (rps@{conns})"
+    )
+    print(header)
+    print("-" * 100)
+    for gw, d in derived.items():
+        ratios = []
+        for other in ("nginx", "litellm"):
+            key = f"rps_ratio_vs_{other}"
+            if d.get(key) is not None:
+                ratios.append(f"{gw}/{other} = {ratio_str(d[key])}")
+        print(
+            f"{gw:<9} {fmt(d.get('added_p50_c1_ms')):>10} {fmt(d.get('added_p99_c1_ms')):>10}"
+            f" {fmt(d.get(f'added_p50_{hi}_ms')):>11} {pct(d.get('rps_ratio_vs_direct')):>11}"
+            f"  {'  '.join(ratios)}"
+        )
+
+
+def verdict(results: dict[str, Any], conns: int) -> dict[str, Any]:
+    d = derive(results, "chat", conns).get("bastion", {})
+    added = d.get("added_p50_c1_ms")
+    ratio = d.get("rps_ratio_vs_litellm")
+    runs = [get(results, "bastion", "chat", k) for k in ("c1", f"c{conns}")]
+    had_errors = any(r is not None and r["error_total"] for r in runs)
+    return {
+        "added_p50_c1_ms": added,
+        "added_p50_c1_target_ms": TARGET_ADDED_P50_MS,
+        # A run with errors passes nothing: a fast error is not a fast proxy.
+        "added_p50_c1_pass": None
+        if added is None
+        else added <= TARGET_ADDED_P50_MS and not had_errors,
+        f"rps_c{conns}_vs_litellm": ratio,
+        "rps_vs_litellm_target": TARGET_RATIO_VS_LITELLM,
+        "rps_vs_litellm_pass": None
+        if ratio is None
+        else ratio >= TARGET_RATIO_VS_LITELLM and not had_errors,
+        "bastion_had_errors": bool(had_errors),
+    }
+
+
+def print_verdict(v: dict[str, Any], conns: int) -> None:
+    def word(ok: bool | None) -> str:
+        if ok is None:
+            return "n/a (not measured)"
+        if v["bastion_had_errors"]:
+            return "FAIL (errors during the run)"
+        return "PASS" if ok else "FAIL"
+
+    print()
+    print("Verdict (non-streaming):")
+    added = v["added_p50_c1_ms"]
+    print(
+        f"  Bastion added p50 at c=1: {fmt(added)} ms (target <= {TARGET_ADDED_P50_MS:g} ms):"
+        f" {word(v['added_p50_c1_pass'])}"
+    )
+    ratio = v[f"rps_c{conns}_vs_litellm"]
+    shown = "-" if ratio is None else f"{ratio:.1f}x"
+    print(
+        f"  Bastion rps@{conns} / LiteLLM rps@{conns}: {shown}"
+        f" (target >= {TARGET_RATIO_VS_LITELLM:g}x): {word(v['rps_vs_litellm_pass'])}"
+    )
+    if v["bastion_had_errors"]:
+        print("  !!! Bastion had errors during the measurement: the numbers above are suspect.")
+
+
+def cmd_output(cmd: list[str]) -> str:
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unavailable ({exc})"
+    text = (p.stdout + p.stderr).strip()
+    return text.splitlines()[0] if text else f"unavailable (status {p.returncode})"
+
+
+def pkg_version(python: Path, pkg: str) -> str:
+    if not python.exists():
+        return "not installed"
+    code = f"import importlib.metadata as m; print(m.version({pkg!r}))"
+    env = dict(os.environ, LITELLM_LOCAL_MODEL_COST_MAP="True")
+    try:
+        p = subprocess.run(
+            [str(python), "-c", code], capture_output=True, text=True, timeout=60, env=env
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unavailable ({exc})"
+    return p.stdout.strip() if p.returncode == 0 else "not installed"
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def environment_info(args: argparse.Namespace) -> dict[str, Any]:
+    targets = args.target_list
+    info: dict[str, Any] = {
+        "nginx": cmd_output(["nginx", "-v"]),
+        "wrk": cmd_output(["wrk", "-v"]),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "loadavg_start": os.getloadavg(),
+    }
+    if "litellm" in targets:
+        info["litellm"] = pkg_version(args.litellm_venv / "bin" / "python", "litellm")
+        info["litellm_uvicorn"] = pkg_version(args.litellm_venv / "bin" / "python", "uvicorn")
+    if "bastion" in targets:
+        py = PROJECT_VENV / "bin" / "python"
+        info["bastion"] = pkg_version(py, "bastion")
+        info["bastion_uvicorn"] = pkg_version(py, "uvicorn")
+        info["bastion_git"] = cmd_output(
+            ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"]
+        )
+    return info
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Measure the latency/throughput a gateway adds over a static upstream.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--duration", type=int, default=10, help="seconds per measurement")
+    p.add_argument("--quick", action="store_true", help="3 s per measurement, 1 s warm-up")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up seconds per target/scenario")
+    p.add_argument(
+        "--targets",
+        default=",".join(ALL_TARGETS),
+        help=f"comma-separated subset of {','.join(ALL_TARGETS)}",
+    )
+    p.add_argument("--connections", type=int, default=32, help="the high concurrency level")
+    p.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure stream: true requests (secondary table)",
+    )
+    p.add_argument("--rounds", type=int, default=1, help="repeat everything; report medians")
+    p.add_argument("--gateway-cpu", type=int, default=0, help="core for the proxy under test")
+    p.add_argument("--load-cpu", type=int, default=1, help="core for wrk and the static upstream")
+    p.add_argument("--no-pin", action="store_true", help="do not use taskset")
+    p.add_argument("--wrk-timeout", type=int, default=30, help="wrk per-request timeout, s")
+    p.add_argument(
+        "--startup-timeout", type=float, default=180, help="seconds to wait for a server"
+    )
+    p.add_argument(
+        "--json-out", type=Path, default=None, help="results file (default bench/results/)"
+    )
+    p.add_argument(
+        "--litellm-venv", type=Path, default=LITELLM_VENV, help="venv made by setup_litellm.sh"
+    )
+    p.add_argument(
+        "--bastion-extra",
+        type=json.loads,
+        default={},
+        metavar="JSON",
+        help='merged into the generated Bastion config, e.g. \'{"auth": {"enabled": false}}\'',
+    )
+    p.add_argument("--keep-tmp", action="store_true", help="keep configs and logs of the run")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration, args.warmup = 3, 1
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = [t for t in targets if t not in ALL_TARGETS]
+    if unknown or not targets:
+        p.error(f"--targets: unknown {unknown}; choose from {','.join(ALL_TARGETS)}")
+    args.target_list = [t for t in ALL_TARGETS if t in targets]  # fixed order
+    if args.duration < 1 or args.rounds < 1 or args.connections < 2:
+        p.error("--duration and --rounds must be >= 1, --connections >= 2")
+    return args
+
+
+def check_tools(args: argparse.Namespace) -> None:
+    missing = [t for t in ("nginx", "wrk") if shutil.which(t) is None]
+    if not args.no_pin and shutil.which("taskset") is None:
+        missing.append("taskset")
+    if missing:
+        sys.exit(
+            f"proxy_overhead: missing {', '.join(missing)}; install with "
+            "`apt-get install -y nginx wrk util-linux` (do not start the nginx service)"
+        )
+
+
+def _interrupt_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # same path as Ctrl-C: stop everything, keep partial results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_tools(args)
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    # Ctrl-C must reach the cleanup even when started in the background (where SIGINT is
+    # ignored by default).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    gateway_cpu: int | None = args.gateway_cpu
+    load_cpu: int | None = args.load_cpu
+    ncpu = len(os.sched_getaffinity(0))
+    if args.no_pin or ncpu < 2:
+        if not args.no_pin:
+            print(f"warning: only {ncpu} CPU(s) usable: not pinning", file=sys.stderr)
+        gateway_cpu = load_cpu = None
+
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    workdir = Path(tempfile.mkdtemp(prefix="bastion-bench-"))
+    processes = Processes(workdir)
+    ctx = Ctx(args, workdir, processes, free_port(), free_port(), gateway_cpu, load_cpu)
+    scenarios = ["chat", "stream"] if args.stream else ["chat"]
+    info = environment_info(args)
+
+    print("Bastion proxy overhead benchmark")
+    for key in ("nginx", "wrk", "litellm", "bastion", "python", "cpu", "cpus", "kernel"):
+        if key in info:
+            print(f"  {key:<8} {info[key]}")
+    pin = (
+        "no pinning"
+        if gateway_cpu is None
+        else f"gateway on CPU {gateway_cpu}; wrk + static upstream on CPU {load_cpu}"
+    )
+    print(
+        f"  run      {args.duration}s per measurement, {args.warmup}s warm-up,"
+        f" c=1 and c={args.connections}, rounds={args.rounds}, scenarios={scenarios}; {pin}"
+    )
+    print(f"  workdir  {workdir}")
+    load1 = os.getloadavg()[0]
+    if load1 > 0.5:
+        print(
+            f"  WARNING: load average is {load1:.2f} before the run: something else is using"
+            " the CPUs, expect noisy numbers (see --rounds)"
+        )
+
+    rounds: dict[str, list[dict[str, Any]]] = {t: [] for t in args.target_list}
+    status: dict[str, dict[str, str]] = {}
+    setup: dict[str, dict[str, Any]] = {}
+    interrupted = False
+    try:
+        try:
+            upstream = start_upstream(ctx)
+        except (RuntimeError, OSError, ValueError) as exc:
+            print(f"!!! could not start the static upstream: {exc}", file=sys.stderr)
+            return 1
+        print(f"  static upstream: JSON on :{ctx.json_port}, SSE on :{ctx.sse_port}")
+        for rnd in range(args.rounds):
+            for name in args.target_list:
+                if name in status:  # skipped or failed in an earlier round
+                    continue
+                print(f"\n[{name}] round {rnd + 1}/{args.rounds}", flush=True)
+                target: Target | None = None
+                try:
+                    t0 = time.monotonic()
+                    target = STARTERS[name](ctx)
+                    if target.procs:
+                        print(f"  started in {time.monotonic() - t0:.1f}s", flush=True)
+                    if target.info:
+                        setup[name] = target.info
+                    rounds[name].append(measure_target(ctx, target, scenarios))
+                except SkipTarget as exc:
+                    print(f"  SKIPPED {name}: {exc}", flush=True)
+                    status[name] = {"skipped": str(exc)}
+                except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                    print(f"  !!! {name} FAILED: {exc}", flush=True)
+                    status[name] = {"error": str(exc)}
+                finally:
+                    if target is not None:
+                        for proc in target.procs:
+                            processes.stop(proc)
+                if not upstream.alive():
+                    raise RuntimeError(f"static upstream died; log:\n{upstream.log_tail()}")
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: stopping everything", file=sys.stderr)
+    finally:
+        processes.stop_all()
+        if args.keep_tmp:
+            print(f"  configs and logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    results: dict[str, Any] = {}
+    for name in args.target_list:
+        if name in status and not rounds[name]:
+            results[name] = status[name]
+        elif rounds[name]:
+            results[name] = combine_rounds(rounds[name], args.connections)
+            if name in status:
+                results[name]["error"] = status[name].get("error", "")
+        elif interrupted:
+            results[name] = {"skipped": "not measured (interrupted)"}
+        if name in setup and name in results:
+            results[name]["setup"] = setup[name]
+
+    title_rounds = f", median of {args.rounds} rounds" if args.rounds > 1 else ""
+    print_tables(
+        results,
+        "chat",
+        args.connections,
+        f"Non-streaming chat completions ({args.duration}s each{title_rounds})",
+    )
+    if args.stream:
+        print_tables(
+            results,
+            "stream",
+            args.connections,
+            f"Streaming chat completions, stream: true, full SSE body ({args.duration}s each"
+            f"{title_rounds})",
+        )
+    v = verdict(results, args.connections)
+    if "bastion" in args.target_list:
+        print_verdict(v, args.connections)
+
+    flagged = [
+        f"{t}/{s}/{k}: {r['error_total']} errors ({error_str(r['errors'])})"
+        for t in results
+        for s in SCENARIOS
+        for k in ("c1", f"c{args.connections}")
+        if (r := get(results, t, s, k)) and r["error_total"]
+    ]
+    failed = [
+        f"{t}: {e['error'].splitlines()[0]} (details above)"
+        for t, e in results.items()
+        if e.get("error")
+    ]
+    failed += [
+        f"{t}/{s}: {results[t][s]['error']}"
+        for t in results
+        for s in SCENARIOS
+        if isinstance(results[t].get(s), dict) and "error" in results[t][s]
+    ]
+    if flagged or failed:
+        print("\n!!! PROBLEMS IN THIS RUN (numbers of the affected targets are not trustworthy):")
+        for line in flagged + failed:
+            print(f"!!!   {line}"[:300])
+
+    info["loadavg_end"] = os.getloadavg()
+    report = {
+        "benchmark": "proxy_overhead",
+        "timestamp": stamp,
+        "interrupted": interrupted,
+        "settings": {
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "connections": [1, args.connections],
+            "rounds": args.rounds,
+            "targets": args.target_list,
+            "scenarios": scenarios,
+            "gateway_cpu": gateway_cpu,
+            "load_cpu": load_cpu,
+            "wrk_threads": 1,
+            "wrk_timeout_s": args.wrk_timeout,
+            "request_body": json.loads(request_body(MODEL_JSON, False)),
+        },
+        "environment": info,
+        "results": results,
+        "derived": {s: derive(results, s, args.connections) for s in scenarios},
+        "verdict": v,
+        "problems": flagged + failed,
+    }
+    out = args.json_out or RESULTS_DIR / f"proxy_overhead-{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nresults written to {out}")
+    if interrupted:
+        return 130
+    return 1 if (flagged or failed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
