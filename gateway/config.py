@@ -111,7 +111,7 @@ class ServerSettings(Section):
     tls: TLSSettings | None = None
     expose_upstream_header: bool = True
     """Send ``x-bastion-upstream`` (the serving upstream's name) on proxied responses."""
-    upstream_transport: Literal["aiohttp", "httpx", "httpx-aiohttp"] = "aiohttp"
+    upstream_transport: Literal["httptools", "aiohttp", "httpx", "httpx-aiohttp"] = "httptools"
     """How the proxy talks to upstreams; see gateway/transport.py for why aiohttp."""
 
 

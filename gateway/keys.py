@@ -26,7 +26,6 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from hashlib import sha256
 
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
@@ -122,7 +121,7 @@ class KeyHasher:
         self._pepper = pepper
 
     def hash(self, key_id: str, secret: str) -> bytes:
-        return hmac.new(self._pepper, f"{key_id}:{secret}".encode(), sha256).digest()
+        return hmac.digest(self._pepper, f"{key_id}:{secret}".encode(), "sha256")
 
     def matches(self, key_id: str, secret: str, stored: bytes) -> bool:
         return hmac.compare_digest(self.hash(key_id, secret), stored)

@@ -9,7 +9,7 @@ their roles.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from gateway.config import ROLES
@@ -61,11 +61,15 @@ class Principal:
     """The key's own allow-list; None means whatever its roles allow."""
     tier: str
     via: Literal["key", "certificate", "dev"] = "key"
+    permissions: frozenset[str] = field(init=False)
+    """Everything the roles allow, worked out once: checked on every request."""
+
+    def __post_init__(self) -> None:
+        granted = frozenset({"public"}).union(*(ROLE_PERMISSIONS[r] for r in self.roles))
+        object.__setattr__(self, "permissions", granted)
 
     def has(self, permission: str) -> bool:
-        return permission == "public" or any(
-            permission in ROLE_PERMISSIONS[role] for role in self.roles
-        )
+        return permission in self.permissions
 
 
 class ModelPolicy:

@@ -1,9 +1,10 @@
 """The one narrow interface through which the proxy talks to upstreams, and its backends.
 
-``aiohttp`` is the default: measured on this machine (bench/proxy_overhead.py
-``--transports``), httpx's own connection pool serialises badly under concurrency
-(httpx issue 3215), while aiohttp's pool keeps up. ``httpx`` and ``httpx-aiohttp``
-(httpx's API over aiohttp's pool) stay selectable so the choice can be re-measured.
+``httptools`` (gateway/http1.py) is the default. CPU per upstream request on the
+gateway's core, measured by ``bench/upstream_clients.py`` on this machine (32 concurrent,
+uvloop): httptools 28.5 µs, aiohttp 127 µs, httpx over aiohttp 503 µs, httpx's own pool
+1,640 µs (httpx issue 3215). The others stay selectable (``server.upstream_transport``)
+so the choice can be re-measured.
 
 Backends raise only :class:`UpstreamFailed` and :class:`UpstreamTimeout`.
 """
@@ -18,7 +19,7 @@ import aiohttp
 
 from gateway.errors import UpstreamFailed, UpstreamTimeout
 
-TransportName = Literal["aiohttp", "httpx", "httpx-aiohttp"]
+TransportName = Literal["httptools", "aiohttp", "httpx", "httpx-aiohttp"]
 
 UpstreamSSL = Mapping[str, ssl.SSLContext]
 """An upstream's ``base_url`` -> the context for its requests (gateway.tls builds it)."""
@@ -239,6 +240,10 @@ class HttpxTransport:
 def build_transport(
     name: TransportName, connect_s: float, read_s: float, upstream_ssl: UpstreamSSL | None = None
 ) -> UpstreamTransport:
+    if name == "httptools":
+        from gateway.http1 import HttpClient
+
+        return HttpClient(connect_s, read_s, upstream_ssl=upstream_ssl)
     if name == "aiohttp":
         return AiohttpTransport(connect_s, read_s, upstream_ssl=upstream_ssl)
     over_aiohttp = name == "httpx-aiohttp"

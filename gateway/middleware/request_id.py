@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 
 from gateway.asgi import ASGIApp, Message, Receive, Scope, Send
 
@@ -25,7 +25,7 @@ class RequestIdMiddleware:
                     request_id = value
                 break
         if not request_id:
-            request_id = uuid.uuid4().hex.encode()
+            request_id = os.urandom(16).hex().encode()
         scope.setdefault("state", {})["request_id"] = request_id.decode()
         header = (b"x-request-id", request_id)
 
