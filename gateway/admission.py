@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from gateway.ratelimit import RateLimiter
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Admitted:
     reserved_tokens: int
     response_headers: list[tuple[bytes, bytes]]

@@ -73,23 +73,37 @@ class DisconnectGuard:
     """Cancels the enclosed work when the client disconnects, and swallows that cancel.
 
     The request body must have been read already: from then on, ``receive()`` only
-    returns ``http.disconnect``.
+    returns ``http.disconnect``. Watching costs a task, about a tenth of the gateway's
+    own time per request, so with ``watch_after_s`` the watch starts only once the work
+    has taken that long: a client that gives up on a long generation still frees the
+    upstream within that delay, and quick answers pay one timer instead of a task.
     """
 
-    __slots__ = ("_armed", "_receive", "_task", "_watcher", "client_gone")
+    __slots__ = ("_armed", "_delay", "_receive", "_task", "_timer", "_watcher", "client_gone")
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, watch_after_s: float = 0.0) -> None:
         self._receive = receive
+        self._delay = watch_after_s
         self.client_gone = False
         self._armed = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._watcher: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> DisconnectGuard:
         task = asyncio.current_task()
         assert task is not None
         self._task = task
         self._armed = True
-        self._watcher = asyncio.create_task(self._watch())
+        if self._delay > 0:
+            self._timer = asyncio.get_running_loop().call_later(self._delay, self._start_watch)
+        else:
+            self._start_watch()
         return self
+
+    def _start_watch(self) -> None:
+        self._timer = None
+        if self._armed:
+            self._watcher = asyncio.create_task(self._watch())
 
     async def _watch(self) -> None:
         while (await self._receive())["type"] != "http.disconnect":
@@ -105,7 +119,10 @@ class DisconnectGuard:
         traceback: TracebackType | None,
     ) -> bool:
         self._armed = False
-        self._watcher.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
         if exc_type is asyncio.CancelledError and self.client_gone:
             self._task.uncancel()
             return True

@@ -18,6 +18,9 @@ class BreakerState(enum.StrEnum):
     HALF_OPEN = "half_open"
 
 
+_CLOSED = BreakerState.CLOSED
+
+
 class CircuitBreaker:
     def __init__(
         self,
@@ -42,6 +45,8 @@ class CircuitBreaker:
 
     def available(self) -> bool:
         """Whether a request may be sent now (without reserving the half-open probe)."""
+        if self._state is _CLOSED:  # the hot path: one comparison
+            return True
         state = self.state
         if state is BreakerState.CLOSED:
             return True
@@ -49,6 +54,8 @@ class CircuitBreaker:
 
     def acquire(self) -> bool:
         """Reserve the right to send one request; in half-open, only one caller wins."""
+        if self._state is _CLOSED:
+            return True
         state = self.state
         if state is BreakerState.CLOSED:
             return True

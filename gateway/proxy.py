@@ -32,6 +32,9 @@ from gateway.usage import Usage, usage_of_body, usage_of_event
 
 log = logging.getLogger("bastion.proxy")
 
+# Non-streamed answers that take longer than this are watched for a client going away.
+WATCH_DISCONNECT_AFTER_S = 0.05
+
 _STREAM_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -39,7 +42,7 @@ _STREAM_HEADERS = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ProxyRequest:
     path: str
     body: bytes
@@ -130,7 +133,8 @@ class Forwarder:
     async def respond(self, request: ProxyRequest, send: Send, receive: Receive) -> Outcome:
         """Answer the client; if it goes away first, the upstream request is closed."""
         outcome = Outcome()
-        async with DisconnectGuard(receive) as guard:
+        watch_after_s = 0.0 if request.stream else WATCH_DISCONNECT_AFTER_S
+        async with DisconnectGuard(receive, watch_after_s) as guard:
             if request.stream:
                 await self._respond_stream(request, send, outcome)
             else:

@@ -63,7 +63,7 @@ class Limits:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RateDecision:
     """The verdict on one request, with the figures behind OpenAI's rate-limit headers.
 

@@ -393,6 +393,19 @@ def test_client_disconnect_raw_stream(pool: ProcessPool, u1: Upstream) -> None:
     assert served_by(post_chat(gw)) == "u1"
 
 
+def test_client_disconnect_while_waiting_for_a_whole_answer(
+    pool: ProcessPool, u1: Upstream
+) -> None:
+    """Not only streams: a client that gives up on a long non-streamed answer frees it."""
+    gw = pool.gateway([u1], timeouts={"read_s": 30.0})
+    u1.set_mode("hang", count=1)
+    with httpx.Client(base_url=gw.url, timeout=0.5) as http, pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/chat/completions", json=chat_body())
+    wait_until(lambda: u1.stats()["cancelled"] == 1, 1.5, 0.02, "upstream request closed")
+    assert u1.stats()["in_flight"] == 0
+    assert served_by(post_chat(gw)) == "u1"
+
+
 # --- no healthy upstream -------------------------------------------------------------------------
 
 
