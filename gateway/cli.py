@@ -190,7 +190,7 @@ def dev(
     admin_key, _ = _key_store(config_path).create(["admin"], description="bastion dev")
     err.print(f"[bold green]Bastion dev gateway[/] on http://{host}:{port}/v1")
     err.print(f"  upstream {upstream} serving {', '.join(models)}; config in {config_path}")
-    err.print(f"  admin key (shown once): [bold]{admin_key}[/]")
+    err.print(f"  admin key (shown once): [bold]{admin_key}[/]", soft_wrap=True)
     err.print("  Ctrl-C stops it.")
     _configure_logging("warning")
     _run_server(settings, config_path, "warning", access_log=False)

@@ -20,6 +20,7 @@ import openai
 import pytest
 
 from gateway.rbac import ROLE_PERMISSIONS
+from tests.databases import postgres_database
 from tests.support import (
     Gateway,
     ProcessPool,
@@ -416,39 +417,55 @@ def redis_available() -> bool:
         return False
 
 
-def test_two_gateway_processes_share_one_redis_bucket(pool: ProcessPool, tmp_path: Path) -> None:
+def test_two_gateway_processes_share_postgres_keys_and_one_redis_bucket(
+    pool: ProcessPool, tmp_path: Path
+) -> None:
     if not redis_available():
         if os.environ.get("CI"):
             pytest.fail("Redis is not running on 127.0.0.1:6379")
         pytest.skip("Redis is not running")
     upstream = pool.upstream("shared-up", ["m1"])
-    settings = secure_settings(
-        tmp_path / "shared.db",
-        redis_url="redis://127.0.0.1:6379/0",
-        rate_limits={
-            "enabled": True,
-            "requests_per_second": 5,
-            "burst": 5,
-            "tokens_per_minute": 10**7,
-        },
-    )
-    env = {"BASTION_MASTER_KEY": MASTER_KEY}
-    first = pool.gateway([upstream], env=env, **settings)
-    second = pool.gateway([upstream], env=env, **settings)
-    key = make_key(first, "--role", "app")["key"]
-    wait_for_key(first, key)
-    wait_for_key(second, key)
-    time.sleep(1.2)  # refill after the probes
-    started = time.monotonic()
-    ok = 0
-    for i in range(40):
-        gateway = first if i % 2 else second
-        r = gateway.http.post("/v1/chat/completions", json=chat_body("m1"), headers=bearer(key))
-        assert r.status_code in (200, 429), r.text
-        ok += r.status_code == 200
-    elapsed = time.monotonic() - started
-    assert ok <= 5 + 5 * elapsed + 1, (ok, elapsed)
-    assert ok >= 5
+    with postgres_database() as database_url:
+        settings = secure_settings(
+            tmp_path / "unused.db",
+            redis_url="redis://127.0.0.1:6379/0",
+            rate_limits={
+                "enabled": True,
+                "requests_per_second": 5,
+                "burst": 5,
+                "tokens_per_minute": 10**7,
+            },
+        )
+        settings["database_url"] = database_url
+        env = {"BASTION_MASTER_KEY": MASTER_KEY}
+        first = pool.gateway([upstream], env=env, **settings)
+        second = pool.gateway([upstream], env=env, **settings)
+
+        # A key made through one process works on the other; revoked there, it stops here.
+        admin = make_key(first, "--role", "admin")["key"]
+        wait_for_key(first, admin)
+        wait_for_key(second, admin)
+        made = first.http.post("/admin/keys", json={"roles": ["app"]}, headers=bearer(admin))
+        key = made.json()["key"]
+        wait_for_key(second, key)
+
+        time.sleep(1.2)  # refill after the probes
+        started = time.monotonic()
+        ok = 0
+        for i in range(40):
+            gateway = first if i % 2 else second
+            r = gateway.http.post("/v1/chat/completions", json=chat_body("m1"), headers=bearer(key))
+            assert r.status_code in (200, 429), r.text
+            ok += r.status_code == 200
+        elapsed = time.monotonic() - started
+        assert 5 <= ok <= 5 + 5 * elapsed + 1, (ok, elapsed)
+
+        revoked = second.http.delete(f"/admin/keys/{made.json()['id']}", headers=bearer(admin))
+        assert revoked.status_code == 200
+        deadline = time.monotonic() + 1.0 + 0.3  # key_refresh_s is 0.2 here
+        while first.http.get("/v1/models", headers=bearer(key)).status_code != 401:
+            assert time.monotonic() < deadline, "revocation did not reach the other process"
+            time.sleep(0.02)
 
 
 def test_redis_down_fails_open_or_closed(pool: ProcessPool, tmp_path: Path) -> None:

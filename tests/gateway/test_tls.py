@@ -772,3 +772,49 @@ def test_upstreams_at_one_url_must_agree_on_tls(pki: PKI) -> None:
     with pytest.raises(TLSConfigError, match=r"upstreams\.c\.tls: differs from upstream a"):
         upstream_ssl_contexts([*same, other])
     assert upstream_ssl_contexts([upstream("p", "http://llm.internal:8000")]) == {}
+
+
+def test_client_certificate_acts_as_a_principal(pki: PKI, tmp_path: Path) -> None:
+    """mTLS without a key: the certificate's subject is looked up in auth.client_certificates."""
+    subject = "CN=billing-app,OU=payments,O=Example Bank"
+    with (
+        TLSUpstream("secure", ["tls-model", "other-model"], upstream_server_context(pki)) as up,
+        TLSGateway(
+            tmp_path,
+            {
+                "dev": False,
+                "auth": {
+                    "enabled": True,
+                    "client_certificates": [
+                        {"subject": subject, "roles": ["app"], "models": ["tls-model"]}
+                    ],
+                },
+                "server": {
+                    "tls": {
+                        "certfile": str(pki.server_cert),
+                        "keyfile": str(pki.server_key),
+                        "client_ca": str(pki.client_ca),
+                        "client_cert": "optional",
+                    }
+                },
+                "upstreams": [upstream_entry(up, ca_file=pki.ca)],
+            },
+            pki.ca,
+        ) as gw,
+    ):
+        certified = client_context(pki.ca, cert=(pki.client_cert, pki.client_key))
+        with httpx.Client(base_url=gw.url, verify=certified, timeout=15) as client:
+            answer = client.post("/v1/chat/completions", json=chat_body("tls-model", "ping"))
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["choices"][0]["message"]["content"] == expected_text(
+                "secure", "tls-model", "ping"
+            )
+            assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tls-model"]
+            other = client.post("/v1/chat/completions", json=chat_body("other-model", "x"))
+            assert other.status_code == 403  # the certificate's own allow-list
+            assert client.get("/admin/keys").status_code == 403  # role app only
+        with gw.client() as anonymous:  # TLS without a client certificate: no principal
+            assert (
+                anonymous.post("/v1/chat/completions", json=chat_body("tls-model", "x")).status_code
+                == 401
+            )
