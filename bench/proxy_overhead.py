@@ -12,9 +12,14 @@ bodies as fast as it can), so what is measured is the cost of the proxy itself. 
 under test is pinned to one core, wrk and the static upstream to the other. All numbers are
 measured in this run; nothing is hard-coded. See bench/README.md.
 
-Needs: nginx and wrk on PATH (apt-get install nginx wrk), taskset (util-linux), and for the
-LiteLLM target bench/.venv-litellm (bash bench/setup_litellm.sh). Only the standard library
-is used here.
+Bastion runs three times: bare (no auth, no rate limits), as deployed on plain HTTP (key
+check, in-memory rate limits) and with the whole access chain (TLS, key check, model
+allow-lists, rate limits in Redis); the difference to the bare one is the access chain's cost.
+
+Needs: nginx and wrk on PATH (apt-get install nginx wrk), taskset (util-linux), for the
+LiteLLM target bench/.venv-litellm (bash bench/setup_litellm.sh), for bastion-secure a Redis
+server (--redis-url) and trustme (a dev dependency of the project). Otherwise only the
+standard library is used here.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import argparse
 import base64
 import contextlib
 import datetime as dt
+import functools
 import http.client
 import json
 import os
@@ -31,11 +37,13 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +58,19 @@ WRK_SCRIPT = BENCH_DIR / "wrk_chat.lua"
 UPSTREAM_TEMPLATE = BENCH_DIR / "nginx_upstream.conf.in"
 PROXY_TEMPLATE = BENCH_DIR / "nginx_proxy.conf.in"
 
-ALL_TARGETS = ("direct", "nginx", "litellm", "bastion")
-GATEWAYS = ("nginx", "litellm", "bastion")
+ALL_TARGETS = ("direct", "nginx", "litellm", "bastion-bare", "bastion", "bastion-secure")
+GATEWAYS = ("nginx", "litellm", "bastion-bare", "bastion", "bastion-secure")
+BASTIONS = ("bastion-bare", "bastion", "bastion-secure")
+# Gateways checked against the project's targets, and what each one runs.
+VERDICT_TARGETS = ("bastion", "bastion-secure")
+CHAIN_BASE = "bastion-bare"  # the access chain's cost is measured against this one
+CHAIN_VARIANTS = ("bastion-secure", "bastion")
+VARIANT_WHAT = {
+    "bastion-bare": "bare proxy: no TLS, no auth, no rate limits",
+    "bastion": "plain HTTP: key check + RBAC + in-memory rate limits",
+    "bastion-secure": "TLS + key check + RBAC with allow-lists + rate limits in Redis",
+}
+TW = 14  # width of the target column
 MODEL_JSON = "bench-model"  # served by the JSON upstream
 MODEL_SSE = "bench-model-stream"  # served by the SSE upstream
 # LiteLLM's master key, also sent to direct/nginx (ignored); Bastion gets a key of its own
@@ -62,6 +81,13 @@ SCENARIOS = ("chat", "stream")
 # Targets from docs (checked by the verdict); not used to produce any measured number.
 TARGET_ADDED_P50_MS = 1.0
 TARGET_RATIO_VS_LITELLM = 40.0
+TARGET_CHAIN_ADDED_P50_MS = 0.3  # access chain vs bastion-bare, p50 at c=1
+TARGET_CHAIN_RPS_COST = 0.20  # access chain vs bastion-bare: 1 - rps ratio at c=32
+
+# Where Bastion's Redis rate limiter keeps a key's buckets (gateway/ratelimit.py); the
+# benchmark looks there once to be sure the limiter really went to Redis.
+REDIS_BUCKET_PREFIX = "bastion:rl:"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 ANSWER = (
     "Bastion is a gateway that sits between clients and self-hosted language models."
@@ -294,8 +320,13 @@ def http_request(
     body: str | None = None,
     timeout: float = 10.0,
     api_key: str = API_KEY,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection(url_host, port, timeout=timeout)
+    conn: http.client.HTTPConnection
+    if tls is not None:
+        conn = http.client.HTTPSConnection(url_host, port, timeout=timeout, context=tls)
+    else:
+        conn = http.client.HTTPConnection(url_host, port, timeout=timeout)
     try:
         headers = {"Authorization": f"Bearer {api_key}"}
         if body is not None:
@@ -310,9 +341,16 @@ def http_request(
         conn.close()
 
 
-def wait_ready(proc: Proc, port: int, path: str, timeout_s: float, api_key: str = API_KEY) -> None:
+def wait_ready(
+    proc: Proc,
+    port: int,
+    path: str,
+    timeout_s: float,
+    api_key: str = API_KEY,
+    tls: ssl.SSLContext | None = None,
+) -> None:
     """Poll GET path until it answers 2xx; fail early if the process died or answers 4xx
-    (an answer that will not change by waiting)."""
+    (an answer that will not change by waiting). With tls, over https, verified by it."""
     deadline = time.monotonic() + timeout_s
     last = "no answer yet"
     while time.monotonic() < deadline:
@@ -325,13 +363,15 @@ def wait_ready(proc: Proc, port: int, path: str, timeout_s: float, api_key: str 
             )
         try:
             status, _, data = http_request(
-                "127.0.0.1", port, "GET", path, timeout=2.0, api_key=api_key
+                "127.0.0.1", port, "GET", path, timeout=2.0, api_key=api_key, tls=tls
             )
             if 200 <= status < 300:
                 return
             last = f"HTTP {status}: {data[:300].decode(errors='replace')}"
             if 400 <= status < 500:
                 raise RuntimeError(f"{proc.name}: GET {path} answered {last}")
+        except ssl.SSLCertVerificationError as exc:  # waiting will not fix the certificate
+            raise RuntimeError(f"{proc.name}: TLS certificate not accepted: {exc}") from exc
         except OSError as exc:
             last = f"{type(exc).__name__}: {exc}"
         time.sleep(0.2)
@@ -352,10 +392,13 @@ class Endpoint:
     model: str
     api_key: str = API_KEY
     path: str = "/v1/chat/completions"
+    tls: ssl.SSLContext | None = None
+    """https, with this context for the script's own requests (wrk does not verify)."""
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{self.path}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}{self.path}"
 
 
 @dataclass
@@ -365,6 +408,9 @@ class Target:
     stream: Endpoint
     procs: list[Proc] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)  # goes into the results file
+    verify: Callable[[], str | None] | None = None
+    """Run once after the first good preflight: None if the setup is what it claims, else
+    what is wrong (the target then fails before it is measured)."""
 
 
 @dataclass
@@ -569,18 +615,138 @@ def bastion_resolved(cfg: Path, env: dict[str, str], cwd: Path) -> dict[str, Any
     return doc if isinstance(doc, dict) else {}
 
 
-def start_bastion(ctx: Ctx) -> Target:
-    """Bastion as a deployment would run it, adapted to what this build of it supports.
+def redis_command(url: str, *args: str, timeout: float = 2.0) -> Any:
+    """One command to a Redis server in its wire protocol (RESP 2); the decoded reply.
+    (The script sticks to the standard library, and needs only PING and EXISTS.)"""
+    u = urllib.parse.urlsplit(url)
+    if u.scheme != "redis":
+        raise ValueError(f"only redis:// URLs are supported here, not {url!r}")
+    commands: list[tuple[str, ...]] = []
+    if u.password:
+        commands.append(("AUTH", *((u.username,) if u.username else ()), u.password))
+    db = u.path.strip("/")
+    if db and db != "0":
+        commands.append(("SELECT", db))
+    commands.append(args)
+    address = (u.hostname or "127.0.0.1", u.port or 6379)
+    with socket.create_connection(address, timeout=timeout) as sock:
+        reader = sock.makefile("rb")
+        reply: Any = None
+        for command in commands:
+            out = [b"*%d\r\n" % len(command)]
+            for arg in command:
+                data = arg.encode()
+                out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+            sock.sendall(b"".join(out))
+            reply = _resp_reply(reader)
+        return reply
 
-    The gateway is growing: when its configuration has them, the store goes to the temp dir,
-    auth stays on (a key is created for the benchmark) and rate limits stay on with limits
-    far above what the benchmark sends. --bastion-extra overrides any of it.
+
+def _resp_reply(reader: Any) -> Any:
+    line = reader.readline()
+    if not line.endswith(b"\r\n"):
+        raise OSError("Redis closed the connection")
+    kind, rest = line[:1], line[1:-2].decode(errors="replace")
+    if kind == b"+":
+        return rest
+    if kind == b"-":
+        raise RuntimeError(f"Redis answered: {rest}")
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        n = int(rest)
+        return None if n < 0 else reader.read(n + 2)[:-2].decode(errors="replace")
+    if kind == b"*":
+        n = int(rest)
+        return None if n < 0 else [_resp_reply(reader) for _ in range(n)]
+    raise OSError(f"unexpected reply from Redis: {line[:80]!r}")
+
+
+def check_redis_bucket(name: str, redis_url: str, bucket: str) -> str | None:
+    """After a request: None if the key's rate-limit bucket is in Redis, else the problem."""
+    try:
+        found = redis_command(redis_url, "EXISTS", bucket)
+    except (OSError, RuntimeError, ValueError) as exc:
+        return f"cannot ask Redis whether the rate limiter used it: {exc}"
+    if found != 1:
+        return f"no rate-limit bucket {bucket!r} in Redis after a request"
+    print(f"  {name}: the key's rate-limit bucket is in Redis", flush=True)
+    return None
+
+
+def tls_material(directory: Path) -> tuple[Path, Path, ssl.SSLContext]:
+    """A throw-away CA, a certificate for 127.0.0.1 signed by it (chain and key files), and
+    a client context that trusts that CA only (host name checked)."""
+    try:
+        import trustme  # a dev dependency of the project, in its venv
+    except ImportError as exc:
+        raise SkipTarget(f"trustme is not installed ({exc}); pip install trustme") from exc
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    certfile, keyfile = directory / "cert.pem", directory / "key.pem"
+    certfile.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    keyfile.touch(mode=0o600)
+    keyfile.write_bytes(cert.private_key_pem.bytes())
+    client = ssl.create_default_context(cadata=ca.cert_pem.bytes().decode())
+    return certfile, keyfile, client
+
+
+def bastion_notes(resolved: dict[str, Any]) -> list[str]:
+    """What the resolved configuration turns on, in words (printed and kept in the results)."""
+
+    def section(key: str) -> dict[str, Any]:
+        value = resolved.get(key)
+        return value if isinstance(value, dict) else {}
+
+    notes = ["TLS on the listener" if section("server").get("tls") else "plain HTTP"]
+    auth = section("auth")
+    if auth.get("enabled"):
+        allow = f", model allow-lists {auth['role_models']}" if auth.get("role_models") else ""
+        notes.append(f"auth on, with an API key of role app{allow}")
+    elif auth:
+        notes.append("auth OFF")
+    limits = section("rate_limits")
+    if limits.get("enabled"):
+        redis_url = resolved.get("redis_url")
+        where = (
+            f"in Redis ({redis_url}, failure mode {limits.get('redis_failure_mode')})"
+            if redis_url
+            else "in memory"
+        )
+        notes.append(
+            f"rate limits on, {where}, at {limits.get('requests_per_second')} requests/s"
+            f" and {limits.get('tokens_per_minute')} tokens/min per key"
+        )
+    elif limits:
+        notes.append("rate limits OFF")
+    return notes
+
+
+def start_bastion(ctx: Ctx, name: str) -> Target:
+    """One Bastion variant (VARIANT_WHAT), configured as a deployment would be.
+
+    Every variant: `bastion serve --workers 1`, a fresh master key, the store (sqlite) in
+    the temp dir, the two static upstreams, everything else at Bastion's defaults.
+    bastion-bare: dev, auth and rate limits off. bastion: auth on (a key is created) and
+    in-memory rate limits far above what the benchmark sends. bastion-secure: TLS with a
+    throw-away certificate, auth on with model allow-lists (role and key), rate limits in
+    Redis, failing closed so a Redis problem shows up as errors rather than as an
+    unlimited (and cheaper) gateway. --bastion-extra is merged into every variant.
     """
     why = bastion_runnable()
     if why:
         raise SkipTarget(why)
+    redis_url = ctx.args.redis_url
+    if name == "bastion-secure":
+        try:
+            redis_command(redis_url, "PING")
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise SkipTarget(
+                f"no Redis at {redis_url} ({exc}); start one: redis-server --daemonize yes"
+                " --bind 127.0.0.1 --port 6379 --save '' --appendonly no"
+            ) from exc
     port = free_port()
-    cwd = ctx.workdir / "bastion"
+    cwd = ctx.workdir / name
     cwd.mkdir(exist_ok=True)
     cfg = cwd / "bastion.yaml"
     env = clean_env(("BASTION_",))
@@ -601,53 +767,61 @@ def start_bastion(ctx: Ctx) -> Target:
             },
         ],
         "health_check": {"enabled": True, "path": "/health"},
+        "database_url": f"sqlite:///{cwd / 'bastion.db'}",
     }
-    cfg.write_text(json.dumps(config, indent=2))  # JSON is valid YAML
-    resolved = bastion_resolved(cfg, env, cwd)
-    notes: list[str] = []
-    if "database_url" in resolved:
-        config["database_url"] = f"sqlite:///{cwd / 'bastion.db'}"
-    if isinstance(resolved.get("rate_limits"), dict) and resolved["rate_limits"].get("enabled"):
-        config["rate_limits"] = {"requests_per_second": 1e6, "tokens_per_minute": 10**12}
+    # The limiter runs on every request and never throttles.
+    never_throttle = {"requests_per_second": 1e6, "tokens_per_minute": 10**12}
+    client_tls: ssl.SSLContext | None = None
+    key_models: list[str] = []
+    if name == "bastion-bare":
+        config.update(dev=True, auth={"enabled": False}, rate_limits={"enabled": False})
+    elif name == "bastion":
+        config["rate_limits"] = dict(never_throttle)
+    elif name == "bastion-secure":
+        certfile, keyfile, client_tls = tls_material(cwd)
+        config["server"]["tls"] = {"certfile": str(certfile), "keyfile": str(keyfile)}
+        key_models = [MODEL_JSON, MODEL_SSE]
+        config["auth"] = {"role_models": {"app": key_models}}
+        config["rate_limits"] = {**never_throttle, "redis_failure_mode": "closed"}
+        config["redis_url"] = redis_url
+    else:
+        raise ValueError(f"unknown Bastion variant {name!r}")
     config = deep_merge(config, ctx.args.bastion_extra)
-    cfg.write_text(json.dumps(config, indent=2))
-    resolved = bastion_resolved(cfg, env, cwd)
-    limits = resolved.get("rate_limits")
-    if isinstance(limits, dict):
-        if limits.get("enabled"):
-            notes.append(
-                f"rate limits on, at {limits.get('requests_per_second')} requests/s and"
-                f" {limits.get('tokens_per_minute')} tokens/min per key"
-            )
-        else:
-            notes.append("rate limits OFF")
+    cfg.write_text(json.dumps(config, indent=2))  # JSON is valid YAML
+    resolved = bastion_resolved(cfg, env, cwd)  # also validates the file
+    notes = bastion_notes(resolved)
+    # The client follows the resolved config (--bastion-extra may turn TLS on or off).
+    server = resolved.get("server")
+    if not (isinstance(server, dict) and server.get("tls")):
+        client_tls = None
+    elif client_tls is None:  # a certificate from --bastion-extra: not checked
+        client_tls = ssl.create_default_context()
+        client_tls.check_hostname = False
+        client_tls.verify_mode = ssl.CERT_NONE
     if ctx.args.bastion_extra:
         notes.append(f"--bastion-extra {json.dumps(ctx.args.bastion_extra)}")
 
-    api_key = API_KEY
+    api_key, key_id = API_KEY, None
     auth = resolved.get("auth")
     if isinstance(auth, dict) and auth.get("enabled"):
-        out = bastion_cli(
-            [
-                "keys",
-                "create",
-                "--role",
-                "app",
-                "--description",
-                "proxy_overhead benchmark",
-                "--json",
-                "--config",
-                str(cfg),
-            ],
-            env,
-            cwd,
-        )
-        api_key = json.loads(out.strip().splitlines()[-1])["key"]
-        notes.append("auth on, with an API key of role app")
-    elif isinstance(auth, dict):
-        notes.append("auth OFF")
+        create = ["keys", "create", "--role", "app", "--description", "proxy_overhead benchmark"]
+        if key_models:
+            create += ["--models", ",".join(key_models)]
+        out = bastion_cli([*create, "--json", "--config", str(cfg)], env, cwd)
+        created = json.loads(out.strip().splitlines()[-1])
+        api_key, key_id = created["key"], created["id"]
+        if key_models:
+            notes.append(f"the key itself is limited to {', '.join(key_models)}")
     for note in notes:
-        print(f"  bastion: {note}", flush=True)
+        print(f"  {name}: {note}", flush=True)
+
+    verify = None
+    limits = resolved.get("rate_limits")
+    resolved_redis = resolved.get("redis_url")
+    if key_id and resolved_redis and isinstance(limits, dict) and limits.get("enabled"):
+        verify = functools.partial(
+            check_redis_bucket, name, resolved_redis, REDIS_BUCKET_PREFIX + key_id
+        )
 
     cmd = [
         str(PROJECT_VENV / "bin" / "bastion"),
@@ -661,15 +835,16 @@ def start_bastion(ctx: Ctx) -> Target:
         "--workers",
         "1",
     ]
-    proc = ctx.processes.start("bastion", cmd, ctx.gateway_cpu, env=env, cwd=cwd)
+    proc = ctx.processes.start(name, cmd, ctx.gateway_cpu, env=env, cwd=cwd)
     target = Target(
-        "bastion",
-        Endpoint(port, MODEL_JSON, api_key),
-        Endpoint(port, MODEL_SSE, api_key),
+        name,
+        Endpoint(port, MODEL_JSON, api_key, tls=client_tls),
+        Endpoint(port, MODEL_SSE, api_key, tls=client_tls),
         [proc],
-        {"config": config, "notes": notes},
+        {"what": VARIANT_WHAT[name], "config": config, "notes": notes},
+        verify,
     )
-    wait_ready(proc, port, "/readyz", ctx.args.startup_timeout, api_key)
+    wait_ready(proc, port, "/readyz", ctx.args.startup_timeout, api_key, client_tls)
     return target
 
 
@@ -681,7 +856,7 @@ STARTERS: dict[str, Callable[[Ctx], Target]] = {
     "direct": start_direct,
     "nginx": start_nginx_proxy,
     "litellm": start_litellm,
-    "bastion": start_bastion,
+    **{name: functools.partial(start_bastion, name=name) for name in BASTIONS},
 }
 
 
@@ -699,6 +874,7 @@ def preflight(endpoint: Endpoint, stream: bool) -> str | None:
             request_body(endpoint.model, stream),
             timeout=30,
             api_key=endpoint.api_key,
+            tls=endpoint.tls,
         )
     except OSError as exc:
         return f"request failed: {type(exc).__name__}: {exc}"
@@ -792,6 +968,7 @@ def run_wrk(
 def measure_target(ctx: Ctx, target: Target, scenarios: list[str]) -> dict[str, Any]:
     args = ctx.args
     out: dict[str, Any] = {}
+    verify = target.verify
     for scenario in scenarios:
         stream = scenario == "stream"
         endpoint = target.stream if stream else target.chat
@@ -800,6 +977,10 @@ def measure_target(ctx: Ctx, target: Target, scenarios: list[str]) -> dict[str, 
             print(f"  !!! {target.name}/{scenario}: preflight FAILED: {problem}", flush=True)
             out[scenario] = {"error": f"preflight failed: {problem}"}
             continue
+        if verify is not None:
+            problem, verify = verify(), None
+            if problem:
+                raise RuntimeError(f"{target.name} is not set up as intended: {problem}")
         if args.warmup > 0:
             warm = run_wrk(ctx, endpoint, stream, args.connections, args.warmup)
             print(
@@ -914,7 +1095,38 @@ def derive(results: dict[str, Any], scenario: str, conns: int) -> dict[str, Any]
             o = get(results, other, scenario, hi)
             if o is not None and o["rps"]:
                 entry[f"rps_ratio_vs_{other}"] = ghi["rps"] / o["rps"]
-        out[gw] = entry
+        if entry:
+            out[gw] = entry
+    return out
+
+
+def access_chain(results: dict[str, Any], scenario: str, conns: int) -> dict[str, Any]:
+    """What the access chain costs: each CHAIN_VARIANTS target against bastion-bare."""
+    hi = f"c{conns}"
+    b1 = get(results, CHAIN_BASE, scenario, "c1")
+    bhi = get(results, CHAIN_BASE, scenario, hi)
+    out: dict[str, Any] = {}
+    if b1 is None or bhi is None:
+        return out
+    for variant in CHAIN_VARIANTS:
+        v1 = get(results, variant, scenario, "c1")
+        vhi = get(results, variant, scenario, hi)
+        if v1 is None or vhi is None:
+            continue
+        notes = results[variant].get("setup", {}).get("notes", [])
+        extra = any(n.startswith("--bastion-extra") for n in notes)
+        out[variant] = {
+            "against": CHAIN_BASE,
+            "what": VARIANT_WHAT[variant] + (" (changed by --bastion-extra)" if extra else ""),
+            "added_p50_c1_ms": v1["latency_ms"]["p50"] - b1["latency_ms"]["p50"],
+            "added_p99_c1_ms": v1["latency_ms"]["p99"] - b1["latency_ms"]["p99"],
+            f"added_p50_{hi}_ms": vhi["latency_ms"]["p50"] - bhi["latency_ms"]["p50"],
+            f"rps_{hi}": vhi["rps"],
+            f"rps_{hi}_bare": bhi["rps"],
+            # The share of the bare proxy's throughput that the access chain costs.
+            f"rps_cost_{hi}": 1 - vhi["rps"] / bhi["rps"] if bhi["rps"] else None,
+            "had_errors": any(r["error_total"] for r in (b1, bhi, v1, vhi)),
+        }
     return out
 
 
@@ -923,7 +1135,7 @@ def print_tables(results: dict[str, Any], scenario: str, conns: int, title: str)
     print()
     print(title)
     header = (
-        f"{'target':<9} {'rps@' + str(conns):>10} {'p50@1':>9} {'p99@1':>9}"
+        f"{'target':<{TW}} {'rps@' + str(conns):>10} {'p50@1':>9} {'p99@1':>9}"
         f" {'p50@' + str(conns):>9} {'p99@' + str(conns):>9}  errors"
     )
     print(header)
@@ -937,13 +1149,13 @@ def print_tables(results: dict[str, Any], scenario: str, conns: int, title: str)
                 why = f"skipped: {entry['skipped']}"
             else:
                 why = f"!!! FAILED: {entry['error'].splitlines()[0] if entry['error'] else ''}"
-            print(f"{target:<9} ({why})"[:160])
+            print(f"{target:<{TW}} ({why})"[:160])
             continue
         sc = entry.get(scenario)
         if sc is None:
             continue
         if "error" in sc:
-            print(f"{target:<9} !!! FAILED: {sc['error']}"[:160])
+            print(f"{target:<{TW}} !!! FAILED: {sc['error']}"[:160])
             continue
         r1, rh = sc["c1"], sc[hi]
         n_err = r1["error_total"] + rh["error_total"]
@@ -954,42 +1166,67 @@ def print_tables(results: dict[str, Any], scenario: str, conns: int, title: str)
             f" c={conns} {error_str(rh['errors'])}"
         )
         print(
-            f"{target:<9} {rh['rps']:>10.1f} {r1['latency_ms']['p50']:>9.3f}"
+            f"{target:<{TW}} {rh['rps']:>10.1f} {r1['latency_ms']['p50']:>9.3f}"
             f" {r1['latency_ms']['p99']:>9.3f} {rh['latency_ms']['p50']:>9.3f}"
             f" {rh['latency_ms']['p99']:>9.3f}  {err}"
         )
     print("(rps: requests/s, wrk -t1; latencies in ms; @1 = 1 connection)")
 
     derived = derive(results, scenario, conns)
-    if not derived:
-        return
-    print()
-    header = (
-        f"{'gateway':<9} {'+p50@1 ms':>10} {'+p99@1 ms':>10} {'+p50@' + str(conns) + ' ms':>11}"
-        f" {'rps/direct':>11}  throughput ratios (rps@{conns})"
-    )
-    print(header)
-    print("-" * 100)
-    for gw, d in derived.items():
-        ratios = []
-        for other in ("nginx", "litellm"):
-            key = f"rps_ratio_vs_{other}"
-            if d.get(key) is not None:
-                ratios.append(f"{gw}/{other} = {ratio_str(d[key])}")
+    if derived:
+        print()
+        header = (
+            f"{'gateway':<{TW}} {'+p50@1 ms':>10} {'+p99@1 ms':>10}"
+            f" {'+p50@' + str(conns) + ' ms':>11} {'rps/direct':>11}"
+            f"  throughput ratios (rps@{conns})"
+        )
+        print(header)
+        print("-" * 110)
+        for gw, d in derived.items():
+            ratios = []
+            for other in ("nginx", "litellm"):
+                key = f"rps_ratio_vs_{other}"
+                if d.get(key) is not None:
+                    ratios.append(f"{gw}/{other} = {ratio_str(d[key])}")
+            print(
+                f"{gw:<{TW}} {fmt(d.get('added_p50_c1_ms')):>10}"
+                f" {fmt(d.get('added_p99_c1_ms')):>10} {fmt(d.get(f'added_p50_{hi}_ms')):>11}"
+                f" {pct(d.get('rps_ratio_vs_direct')):>11}  {'  '.join(ratios)}"
+            )
+        print("(+: added over direct, ms; rps/direct: rps@" + str(conns) + " as % of direct)")
+
+    chain = access_chain(results, scenario, conns)
+    if chain:
+        print()
+        header = (
+            f"{'access chain':<{TW}} {'+p50@1 ms':>10} {'+p99@1 ms':>10}"
+            f" {'+p50@' + str(conns) + ' ms':>11} {'rps@' + str(conns) + ' cost':>12}  what"
+        )
+        print(header)
+        print("-" * 110)
+        for variant, c in chain.items():
+            cost = c[f"rps_cost_{hi}"]
+            print(
+                f"{variant:<{TW}} {fmt(c['added_p50_c1_ms']):>10} {fmt(c['added_p99_c1_ms']):>10}"
+                f" {fmt(c[f'added_p50_{hi}_ms']):>11}"
+                f" {'-' if cost is None else f'{cost * 100:.1f}%':>12}  {c['what']}"
+                f"{'  !!! ERRORS' if c['had_errors'] else ''}"
+            )
         print(
-            f"{gw:<9} {fmt(d.get('added_p50_c1_ms')):>10} {fmt(d.get('added_p99_c1_ms')):>10}"
-            f" {fmt(d.get(f'added_p50_{hi}_ms')):>11} {pct(d.get('rps_ratio_vs_direct')):>11}"
-            f"  {'  '.join(ratios)}"
+            f"(against {CHAIN_BASE}, {VARIANT_WHAT[CHAIN_BASE]}; cost: 1 - rps@{conns}"
+            f" / rps@{conns} of {CHAIN_BASE})"
         )
 
 
-def verdict(results: dict[str, Any], conns: int) -> dict[str, Any]:
-    d = derive(results, "chat", conns).get("bastion", {})
+def verdict(results: dict[str, Any], conns: int, target: str = "bastion") -> dict[str, Any]:
+    """The project's targets for one Bastion target, non-streaming, against direct/LiteLLM."""
+    d = derive(results, "chat", conns).get(target, {})
     added = d.get("added_p50_c1_ms")
     ratio = d.get("rps_ratio_vs_litellm")
-    runs = [get(results, "bastion", "chat", k) for k in ("c1", f"c{conns}")]
+    runs = [get(results, target, "chat", k) for k in ("c1", f"c{conns}")]
     had_errors = any(r is not None and r["error_total"] for r in runs)
     return {
+        "target": target,
         "added_p50_c1_ms": added,
         "added_p50_c1_target_ms": TARGET_ADDED_P50_MS,
         # A run with errors passes nothing: a fast error is not a fast proxy.
@@ -1005,29 +1242,68 @@ def verdict(results: dict[str, Any], conns: int) -> dict[str, Any]:
     }
 
 
-def print_verdict(v: dict[str, Any], conns: int) -> None:
-    def word(ok: bool | None) -> str:
-        if ok is None:
-            return "n/a (not measured)"
-        if v["bastion_had_errors"]:
-            return "FAIL (errors during the run)"
-        return "PASS" if ok else "FAIL"
+def chain_verdict(results: dict[str, Any], conns: int) -> dict[str, Any]:
+    """The access chain's targets (non-streaming), for each variant against bastion-bare."""
+    hi = f"c{conns}"
+    out: dict[str, Any] = {}
+    for variant, c in access_chain(results, "chat", conns).items():
+        added, cost, bad = c["added_p50_c1_ms"], c[f"rps_cost_{hi}"], c["had_errors"]
+        out[variant] = {
+            **c,
+            "added_p50_c1_target_ms": TARGET_CHAIN_ADDED_P50_MS,
+            "added_p50_c1_pass": added <= TARGET_CHAIN_ADDED_P50_MS and not bad,
+            "rps_cost_target": TARGET_CHAIN_RPS_COST,
+            "rps_cost_pass": None if cost is None else cost <= TARGET_CHAIN_RPS_COST and not bad,
+        }
+    return out
 
-    print()
-    print("Verdict (non-streaming):")
+
+def verdict_word(ok: bool | None, had_errors: bool) -> str:
+    if ok is None:
+        return "n/a (not measured)"
+    if had_errors:
+        return "FAIL (errors during the run)"
+    return "PASS" if ok else "FAIL"
+
+
+def print_verdict(v: dict[str, Any], conns: int) -> None:
+    name, bad = v["target"], v["bastion_had_errors"]
     added = v["added_p50_c1_ms"]
     print(
-        f"  Bastion added p50 at c=1: {fmt(added)} ms (target <= {TARGET_ADDED_P50_MS:g} ms):"
-        f" {word(v['added_p50_c1_pass'])}"
+        f"  {name}: added p50 at c=1 vs direct: {fmt(added)} ms"
+        f" (target <= {TARGET_ADDED_P50_MS:g} ms): {verdict_word(v['added_p50_c1_pass'], bad)}"
     )
     ratio = v[f"rps_c{conns}_vs_litellm"]
     shown = "-" if ratio is None else f"{ratio:.1f}x"
     print(
-        f"  Bastion rps@{conns} / LiteLLM rps@{conns}: {shown}"
-        f" (target >= {TARGET_RATIO_VS_LITELLM:g}x): {word(v['rps_vs_litellm_pass'])}"
+        f"  {name}: rps@{conns} / LiteLLM rps@{conns}: {shown}"
+        f" (target >= {TARGET_RATIO_VS_LITELLM:g}x): {verdict_word(v['rps_vs_litellm_pass'], bad)}"
     )
-    if v["bastion_had_errors"]:
-        print("  !!! Bastion had errors during the measurement: the numbers above are suspect.")
+    if bad:
+        print(f"  !!! {name} had errors during the measurement: the numbers above are suspect.")
+
+
+def print_chain_verdict(chain: dict[str, Any], conns: int) -> None:
+    hi = f"c{conns}"
+    print(f"Access chain (non-streaming), against {CHAIN_BASE} ({VARIANT_WHAT[CHAIN_BASE]}):")
+    if not chain:
+        print(f"  n/a (not measured: needs {CHAIN_BASE} and {' or '.join(CHAIN_VARIANTS)})")
+    for variant, c in chain.items():
+        bad = c["had_errors"]
+        cost = c[f"rps_cost_{hi}"]
+        print(f"  {variant} ({c['what']}):")
+        print(
+            f"    added p50 at c=1: {fmt(c['added_p50_c1_ms'])} ms"
+            f" (target <= {TARGET_CHAIN_ADDED_P50_MS:g} ms):"
+            f" {verdict_word(c['added_p50_c1_pass'], bad)}"
+        )
+        print(
+            f"    throughput cost at c={conns}: {'-' if cost is None else f'{cost * 100:.1f}%'}"
+            f" ({c[f'rps_{hi}']:.0f} vs {c[f'rps_{hi}_bare']:.0f} rps;"
+            f" target <= {TARGET_CHAIN_RPS_COST * 100:g}%): {verdict_word(c['rps_cost_pass'], bad)}"
+        )
+        if bad:
+            print(f"    !!! errors during the measurement of {variant} or {CHAIN_BASE}")
 
 
 def cmd_output(cmd: list[str]) -> str:
@@ -1075,7 +1351,7 @@ def environment_info(args: argparse.Namespace) -> dict[str, Any]:
     if "litellm" in targets:
         info["litellm"] = pkg_version(args.litellm_venv / "bin" / "python", "litellm")
         info["litellm_uvicorn"] = pkg_version(args.litellm_venv / "bin" / "python", "uvicorn")
-    if "bastion" in targets:
+    if any(t in BASTIONS for t in targets):
         py = PROJECT_VENV / "bin" / "python"
         info["bastion"] = pkg_version(py, "bastion")
         info["bastion_uvicorn"] = pkg_version(py, "uvicorn")
@@ -1124,7 +1400,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=json.loads,
         default={},
         metavar="JSON",
-        help='merged into the generated Bastion config, e.g. \'{"auth": {"enabled": false}}\'',
+        help="merged into the generated config of every Bastion variant,"
+        ' e.g. \'{"server": {"upstream_transport": "aiohttp"}}\'',
+    )
+    p.add_argument(
+        "--redis-url",
+        default=DEFAULT_REDIS_URL,
+        help="Redis for bastion-secure's rate limits (must be running)",
     )
     p.add_argument("--keep-tmp", action="store_true", help="keep configs and logs of the run")
     args = p.parse_args(argv)
@@ -1274,9 +1556,17 @@ def main(argv: list[str] | None = None) -> int:
             f"Streaming chat completions, stream: true, full SSE body ({args.duration}s each"
             f"{title_rounds})",
         )
-    v = verdict(results, args.connections)
-    if "bastion" in args.target_list:
-        print_verdict(v, args.connections)
+    verdicts = {t: verdict(results, args.connections, t) for t in VERDICT_TARGETS}
+    chain = chain_verdict(results, args.connections)
+    shown = [t for t in VERDICT_TARGETS if t in args.target_list]
+    if shown:
+        print()
+        print("Verdict (non-streaming), against direct and LiteLLM:")
+        for t in shown:
+            print_verdict(verdicts[t], args.connections)
+    if CHAIN_BASE in args.target_list and any(t in args.target_list for t in CHAIN_VARIANTS):
+        print()
+        print_chain_verdict(chain, args.connections)
 
     flagged = [
         f"{t}/{s}/{k}: {r['error_total']} errors ({error_str(r['errors'])})"
@@ -1322,7 +1612,10 @@ def main(argv: list[str] | None = None) -> int:
         "environment": info,
         "results": results,
         "derived": {s: derive(results, s, args.connections) for s in scenarios},
-        "verdict": v,
+        "access_chain": {s: access_chain(results, s, args.connections) for s in scenarios},
+        "verdict": verdicts["bastion"],
+        "verdict_secure": verdicts["bastion-secure"],
+        "verdict_access_chain": chain,
         "problems": flagged + failed,
     }
     out = args.json_out or RESULTS_DIR / f"proxy_overhead-{stamp}.json"

@@ -15,6 +15,7 @@ them. :func:`build_rate_limiter` picks one from the configuration. Callers that 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
@@ -22,14 +23,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
 from gateway.config import RateLimitSettings
+from gateway.redis_wire import PipelinedRedis
 from monitors.metrics import RATELIMIT_BACKEND_ERRORS, RATELIMIT_BACKEND_UP
 
 log = logging.getLogger("bastion.ratelimit")
@@ -267,7 +266,10 @@ class MemoryRateLimiter:
 # One script does a whole check (or adjustment), so it is atomic across every gateway
 # process, and it reads Redis's clock, not the callers' (which drift apart).
 # KEYS[1]: the key's hash {r, t, at}. ARGV: op ("check" | "adjust"), cost (tokens; the
-# delta for adjust), request capacity, request rate/s, token capacity, token rate/s.
+# delta for adjust), request capacity, request rate/s, token capacity, token rate/s, and
+# the corrections (usage minus estimate) noted by this process since its last call for
+# the key, applied first: corrections ride along with the next check instead of costing
+# a round trip each.
 # Returns {allowed (0|1), requests level, tokens level}; levels as strings, because Redis
 # truncates Lua numbers to integers in replies.
 _SCRIPT = """
@@ -278,6 +280,7 @@ local cap_r = tonumber(ARGV[3])
 local rate_r = tonumber(ARGV[4])
 local cap_t = tonumber(ARGV[5])
 local rate_t = tonumber(ARGV[6])
+local pending = tonumber(ARGV[7] or '0')
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local state = redis.call('HMGET', KEYS[1], 'r', 't', 'at')
@@ -293,11 +296,15 @@ end
 if now < at then now = at end
 r = math.min(cap_r, r + (now - at) * rate_r)
 t = math.min(cap_t, t + (now - at) * rate_t)
+t = math.min(cap_t, t - pending)
 if op == 'check' then
   if r >= 1 - 1e-9 and t >= math.min(cost, cap_t) - 1e-9 then
     r = r - 1
     t = t - cost
   else
+    if pending ~= 0 then
+      redis.call('HSET', KEYS[1], 'r', fmt(r), 't', fmt(t), 'at', fmt(now))
+    end
     return {0, fmt(r), fmt(t)}
   end
 else
@@ -315,8 +322,25 @@ _SCRIPT_SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
 _LOG_EVERY_S = 30.0
 
 
+class ScriptClient(Protocol):
+    """What the limiter needs of a Redis client (redis-py's ``Redis`` or ours)."""
+
+    async def evalsha(self, sha: str, numkeys: int, *args: Any) -> Any: ...
+
+    async def eval(self, script: str, numkeys: int, *args: Any) -> Any: ...
+
+    async def aclose(self) -> None: ...
+
+
+FLUSH_EVERY_S = 0.25
+
+
 class RedisRateLimiter:
-    """Buckets in Redis, shared by every gateway process: one EVALSHA per call.
+    """Buckets in Redis, shared by every gateway process: one EVALSHA per request.
+
+    Token corrections (:meth:`adjust`) are kept in the process and sent with the key's
+    next check, or within ``FLUSH_EVERY_S`` by a background flush for keys that made no
+    new request: other processes see a correction at most that late.
 
     It never raises: when Redis fails, ``failure_mode`` decides (``open``: allowed;
     ``closed``: refused with ``degraded=True``). After a failure Redis is left alone for
@@ -328,7 +352,7 @@ class RedisRateLimiter:
     def __init__(
         self,
         settings: RateLimitSettings,
-        client: Redis,
+        client: ScriptClient,
         *,
         prefix: str = DEFAULT_PREFIX,
         failure_mode: Literal["open", "closed"] | None = None,
@@ -362,6 +386,8 @@ class RedisRateLimiter:
             retry_after_s=0.0 if open_ else 1.0,
             degraded=True,
         )
+        self._pending: dict[str, int] = {}
+        self._flusher: asyncio.Task[None] | None = None
         self._up: bool | None = None
         self._skip_until = 0.0
         self._next_log_at = 0.0
@@ -377,33 +403,25 @@ class RedisRateLimiter:
         timeout_s: float = 0.25,
         max_connections: int = 64,
     ) -> RedisRateLimiter:
-        """A limiter with its own client: short timeouts, no retries, bounded pool.
+        """A limiter with its own pipelined connection (gateway/redis_wire.py) and short
+        timeouts: on the request path a quick degraded answer beats a late exact one.
+        ``max_connections`` is kept for callers; one pipelined connection serves all."""
+        return cls(settings, PipelinedRedis(url, timeout_s), prefix=prefix, owns_client=True)
 
-        redis-py retries failed calls with back-off by default; on the request path a
-        quick degraded answer beats a late exact one, so retries are off.
-        """
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout_s,  # waiting for a free connection
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
-        client = Redis.from_pool(pool)
-        return cls(settings, client, prefix=prefix, owns_client=True)
-
-    async def _call(self, op: bytes, key_id: str, cost: int) -> tuple[bool, float, float] | None:
+    async def _call(
+        self, op: bytes, key_id: str, cost: int, pending: int = 0
+    ) -> tuple[bool, float, float] | None:
         """Run the script: (allowed, requests level, tokens level), or None on failure."""
         if self._skip_until and self._clock() < self._skip_until:
             return None
         key = self.prefix + key_id
+        args = (key, op, cost, *self._limit_args, pending)
         try:
             try:
-                reply = await self._client.evalsha(_SCRIPT_SHA, 1, key, op, cost, *self._limit_args)
+                reply = await self._client.evalsha(_SCRIPT_SHA, 1, *args)
             except NoScriptError:
                 # First use on this server, or it restarted: EVAL runs and caches it.
-                reply = await self._client.eval(_SCRIPT, 1, key, op, cost, *self._limit_args)
+                reply = await self._client.eval(_SCRIPT, 1, *args)
             allowed, requests, tokens = reply
             result = (allowed == 1, float(requests), float(tokens))
         except Exception as exc:
@@ -444,17 +462,40 @@ class RedisRateLimiter:
 
     async def check(self, key_id: str, tokens: int) -> RateDecision:
         cost = max(0, tokens)
-        result = await self._call(b"check", key_id, cost)
+        pending = self._pending.pop(key_id, 0)
+        result = await self._call(b"check", key_id, cost, pending)
         if result is None:
+            if pending:
+                self._note(key_id, pending)  # not applied: keep it for later
             return self._fallback
         allowed, requests, level = result
         return _decide(self.limits, allowed, requests, level, min(cost, self.limits.token_capacity))
 
     async def adjust(self, key_id: str, delta_tokens: int) -> None:
         if delta_tokens != 0:
-            await self._call(b"adjust", key_id, delta_tokens)
+            self._note(key_id, delta_tokens)
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.create_task(self._flush_soon())
+
+    def _note(self, key_id: str, delta_tokens: int) -> None:
+        self._pending[key_id] = self._pending.get(key_id, 0) + delta_tokens
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(FLUSH_EVERY_S)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Send every correction no check has carried yet."""
+        pending, self._pending = self._pending, {}
+        await asyncio.gather(
+            *(self._call(b"adjust", key_id, delta) for key_id, delta in pending.items() if delta)
+        )
 
     async def aclose(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        await self.flush()
         if self._owns_client:
             await self._client.aclose()
 
