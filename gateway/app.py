@@ -38,6 +38,7 @@ from gateway.store import make_engine, migrate
 from gateway.tls import upstream_ssl_contexts
 from gateway.transport import UpstreamTransport, build_transport
 from gateway.upstreams import UpstreamPool
+from gateway.watermark_check import WatermarkDetector, WatermarkEndpoint, load_watermark_keys
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -65,6 +66,10 @@ class BastionApp:
             self.limiter = build_rate_limiter(settings.rate_limits, settings.redis_url)
         self.admission = Admission(settings, self.limiter)
         self.model_policy = ModelPolicy(settings.auth.role_models)
+        self.watermark: WatermarkDetector | None = None
+        if settings.watermark.enabled:
+            keys = load_watermark_keys(settings.watermark)
+            self.watermark = WatermarkDetector(settings.watermark, keys)
         self.router = Router(routes=self._routes(), lifespan=self._lifespan)
         authentication = AuthenticationMiddleware(
             self.router,
@@ -80,9 +85,13 @@ class BastionApp:
         cap = self.settings.server.max_body_bytes
         keys = KeyAdmin(self.key_store, self.key_cache, self.settings.priority.tiers)
 
+        watermark = WatermarkEndpoint(self.watermark, cap)
+
         def model_route(path: str, schema: Any, streams: bool) -> Route:
+            # The text routes (the streaming ones) are checked for the watermark.
+            detector = self.watermark if streams else None
             endpoint = ModelEndpoint(
-                path, schema, forwarder, self.pool, self.admission, cap, streams
+                path, schema, forwarder, self.pool, self.admission, cap, streams, detector
             )
             return Route(path, Guarded(endpoint, "models:call"), methods=["POST"])
 
@@ -94,6 +103,7 @@ class BastionApp:
             model_route("/v1/completions", CompletionRequest, streams=True),
             model_route("/v1/embeddings", EmbeddingRequest, streams=False),
             route("/v1/models", self.list_models, "GET", "models:list"),
+            route("/v1/watermark/detect", watermark.detect, "POST", "watermark:detect"),
             route("/healthz", self.healthz, "GET", "public"),
             route("/readyz", self.readyz, "GET", "public"),
             route("/metrics", self.metrics, "GET", "metrics:read"),

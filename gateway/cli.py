@@ -97,6 +97,13 @@ def _run_server(settings: Settings, config: Path | None, log_level: str, access_
     import uvicorn
 
     _prepare_store(settings)
+    if settings.watermark.enabled:
+        from gateway.watermark_check import load_watermark_keys
+
+        try:
+            load_watermark_keys(settings.watermark)
+        except ConfigError as exc:
+            _fail(f"configuration error: {exc}")
 
     server = settings.server
     tls = server.tls

@@ -207,6 +207,34 @@ class CanarySettings(Section):
     share: float = Field(gt=0, lt=1)
 
 
+class WatermarkSettings(Section):
+    """The Kirchenbauer watermark's detector (inference/watermark.py holds the scheme).
+
+    Keys come from ``keys_file`` and ``BASTION_WATERMARK_KEYS``, never from the YAML.
+    """
+
+    enabled: bool = False
+    """Score answers (``x-bastion-watermark``) and serve ``POST /v1/watermark/detect``."""
+    gamma: float = Field(default=0.25, gt=0, lt=1)
+    """Green share of the vocabulary; must match the inference tier's."""
+    delta: float = Field(default=2.0, ge=0, le=20)
+    """Logit bias on green tokens at generation (the inference tier's; not used to detect)."""
+    z_threshold: float = Field(default=4.0, gt=0)
+    """z at or above which a text is watermarked (4: one false positive in ~20,000)."""
+    keys_file: FilePath | None = None
+    """``key_id: base64 secret`` lines, or a JSON object ``{"key_id": "base64"}``."""
+    tokenizers: dict[str, Path] = {}
+    """Model name -> its directory holding ``tokenizer.json`` (or that file itself)."""
+
+    @field_validator("tokenizers")
+    @classmethod
+    def _tokenizer_files(cls, tokenizers: dict[str, Path]) -> dict[str, Path]:
+        for model, path in tokenizers.items():
+            if not path.is_file() and not (path / "tokenizer.json").is_file():
+                raise ValueError(f"{model}: no tokenizer.json in {path}")
+        return tokenizers
+
+
 class StoreSettings(BaseSettings):
     """What the stores and secrets need: enough for ``bastion keys`` without upstreams."""
 
@@ -268,6 +296,7 @@ class Settings(StoreSettings):
     auth: AuthSettings = AuthSettings()
     rate_limits: RateLimitSettings = RateLimitSettings()
     priority: PrioritySettings = PrioritySettings()
+    watermark: WatermarkSettings = WatermarkSettings()
 
     @model_validator(mode="after")
     def _check_references(self) -> Self:

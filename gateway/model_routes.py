@@ -20,6 +20,7 @@ from gateway.proxy import Forwarder, ProxyRequest
 from gateway.schemas import _Body, parse_body
 from gateway.upstreams import UpstreamPool
 from gateway.usage import Usage
+from gateway.watermark_check import WatermarkDetector
 
 NO_USAGE = Usage(0, 0, 0)
 
@@ -34,6 +35,7 @@ class ModelEndpoint:
         admission: Admission,
         max_body_bytes: int,
         streams: bool,
+        watermark: WatermarkDetector | None = None,
     ) -> None:
         self._path = path
         self._schema = schema
@@ -42,6 +44,7 @@ class ModelEndpoint:
         self._admission = admission
         self._max_body_bytes = max_body_bytes
         self._streams = streams
+        self._watermark = watermark
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw = await read_body(scope, receive, self._max_body_bytes)
@@ -74,6 +77,7 @@ class ModelEndpoint:
             request_id=request_id_of(scope),
             response_headers=admitted.response_headers,
             hide_usage_chunk=hide_usage_chunk,
+            watermark=self._watermark.for_model(model) if self._watermark is not None else None,
         )
         try:
             outcome = await self._forwarder.respond(request, send, receive)

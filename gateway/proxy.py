@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from gateway.asgi import (
     DisconnectGuard,
@@ -29,6 +30,9 @@ from gateway.sse import SSEFramer
 from gateway.transport import UpstreamResponse, UpstreamTransport
 from gateway.upstreams import Upstream, UpstreamPool
 from gateway.usage import Usage, usage_of_body, usage_of_event
+
+if TYPE_CHECKING:
+    from gateway.watermark_check import AnswerCheck
 
 log = logging.getLogger("bastion.proxy")
 
@@ -53,6 +57,8 @@ class ProxyRequest:
     """Added to the answer (e.g. ``x-ratelimit-*``)."""
     hide_usage_chunk: bool = False
     """The gateway asked for usage in a stream the client did not: drop that chunk."""
+    watermark: AnswerCheck | None = None
+    """Score the answer for the watermark (None: watermarks off, or no tokenizer)."""
 
 
 @dataclass(slots=True)
@@ -166,6 +172,8 @@ class Forwarder:
             (b"content-length", str(len(body)).encode()),
             *self.response_headers(request, upstream),
         ]
+        if request.watermark is not None and response.status == 200:
+            headers += await request.watermark.headers_for_body(body)
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         outcome.completed = True
@@ -213,14 +221,21 @@ async def _pump_stream(
 ) -> None:
     """Pass SSE events on until the upstream ends or fails."""
     framer = SSEFramer()
+    # Watermark verdict: a comment event inserted before "data: [DONE]" (or at the end).
+    watermark = request.watermark.stream() if request.watermark is not None else None
     try:
         async for chunk in response.iter_chunks():
             events = framer.feed(chunk)
             if b'"prompt_tokens"' in events:
                 events = _take_usage(events, request.hide_usage_chunk, outcome)
+            if watermark is not None:
+                events = await watermark.feed(events)
             if events:
                 await send({"type": "http.response.body", "body": events, "more_body": True})
-        await send({"type": "http.response.body", "body": framer.finish(), "more_body": False})
+        tail = framer.finish()
+        if watermark is not None:
+            tail = await watermark.feed(tail) + await watermark.close()
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
         outcome.completed = True
     except GatewayError as exc:
         upstream.breaker.record_failure()

@@ -20,3 +20,13 @@ RATELIMIT_BACKEND_UP = Gauge(
     "bastion_ratelimit_backend_up",
     "1 when the last rate-limit backend (Redis) call succeeded, 0 when it failed.",
 )
+
+WATERMARK_VERDICTS = Counter(
+    "bastion_watermark_verdicts_total",
+    "Proxied chat/completions answers scored for the inference tier's watermark, by "
+    "verdict: watermarked (z at or above watermark.z_threshold) or absent. A drop in the "
+    "watermarked share means answers no longer come from the watermarking tier.",
+    ["verdict"],
+)
+for _verdict in ("watermarked", "absent"):
+    WATERMARK_VERDICTS.labels(_verdict)  # both series exist from the start, at 0

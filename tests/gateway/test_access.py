@@ -28,6 +28,7 @@ from tests.support import (
     bastion_command,
     chat_body,
 )
+from tests.watermarking import build_tokenizer
 
 MASTER_KEY = base64.b64encode(b"k" * 32).decode()
 ROLES = list(ROLE_PERMISSIONS)
@@ -84,8 +85,13 @@ def secure(module_pool: ProcessPool, tmp_path_factory: pytest.TempPathFactory) -
     """One upstream serving m1 and m2 behind a gateway with authentication on."""
     upstream = module_pool.upstream("acl-up", ["m1", "m2"])
     database = tmp_path_factory.mktemp("acl") / "bastion.db"
+    tokenizer = build_tokenizer(tmp_path_factory.mktemp("acl-tokenizer"))
+    watermark_keys = json.dumps({"k1": base64.b64encode(b"w" * 32).decode()})
     gateway = module_pool.gateway(
-        [upstream], env={"BASTION_MASTER_KEY": MASTER_KEY}, **secure_settings(database)
+        [upstream],
+        env={"BASTION_MASTER_KEY": MASTER_KEY, "BASTION_WATERMARK_KEYS": watermark_keys},
+        watermark={"enabled": True, "tokenizers": {"m2": str(tokenizer)}},
+        **secure_settings(database),
     )
     keys = {role: make_key(gateway, "--role", role)["key"] for role in ROLES}
     for key in keys.values():
@@ -100,6 +106,7 @@ ROUTES: list[tuple[str, str, dict[str, Any] | None, str]] = [
     ("POST", "/v1/completions", {"model": "m2", "prompt": "hi"}, "models:call"),
     ("POST", "/v1/embeddings", {"model": "m2", "input": "hi"}, "models:call"),
     ("GET", "/v1/models", None, "models:list"),
+    ("POST", "/v1/watermark/detect", {"text": "hello there", "model": "m2"}, "watermark:detect"),
     ("GET", "/metrics", None, "metrics:read"),
     ("GET", "/admin/upstreams", None, "upstreams:read"),
     ("GET", "/admin/keys", None, "keys:manage"),

@@ -1,0 +1,398 @@
+"""Watermark verdicts on the model's answers: tokenize the text, score it, say so.
+
+The scheme (Kirchenbauer et al. 2023) lives in :mod:`inference.watermark`; this module
+brings it the text. :class:`WatermarkDetector` holds the configured keys and loads each
+model's tokenizer (HF ``tokenizers``, from the model directory's ``tokenizer.json``) on
+first use. It answers:
+
+- proxied non-streamed answers: ``x-bastion-watermark: watermarked; z=5.12; key=k1``
+  (or ``absent; z=0.41``), and ``bastion_watermark_verdicts_total{verdict}``;
+- proxied streams: the same verdict as a final SSE comment, ``: x-bastion-watermark:
+  ...``, sent just before ``data: [DONE]`` (comments are ignored by SSE clients);
+- ``POST /v1/watermark/detect {text, model}`` for auditors.
+
+The scorer sees the text's tokens, not the tokens the model sampled: re-encoding a
+decoded answer mostly gives them back, and where it does not (a non-canonical
+tokenization) only the few bigrams around the difference change, so the verdict holds.
+Each choice and each text field (content, reasoning) is tokenized on its own: the pairs
+across their boundaries were never generated one after the other.
+
+With ``watermark.enabled: false`` no object of this module exists and the proxy does no
+work at all for watermarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import os
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import orjson
+from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from gateway.asgi import read_body
+from gateway.config import ConfigError, WatermarkSettings
+from gateway.errors import InvalidJSON, InvalidRequest, ModelNotFound, NotFound, ServiceUnavailable
+from inference.watermark import Detection, WatermarkParams, derive_key, detect_pairs
+from monitors.metrics import WATERMARK_VERDICTS
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+log = logging.getLogger("bastion.watermark")
+
+KEYS_ENV_VAR = "BASTION_WATERMARK_KEYS"
+HEADER = b"x-bastion-watermark"
+KEY_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+MIN_SECRET_BYTES = 16
+# Longer answers are tokenized in a thread (about 1 ms of CPU per 4,000 characters),
+# shorter ones inline: a thread hop costs more than they do.
+INLINE_CHARS = 16_384
+# Text fields of a choice that the model generated (vLLM's reasoning parsers put the
+# thinking in reasoning_content, newer versions in reasoning).
+MESSAGE_FIELDS = ("content", "reasoning_content", "reasoning")
+
+
+class TokenizerUnavailable(ServiceUnavailable):
+    code = "tokenizer_unavailable"
+
+
+# --- keys -----------------------------------------------------------------------------------
+
+
+def parse_keys(text: str, source: str) -> dict[str, bytes]:
+    """``key_id: base64`` lines (``#`` comments) or a JSON object, into secrets by key id."""
+    pairs: list[tuple[str, Any]] = []
+    if text.lstrip()[:1] in ("{", "["):
+        try:
+            document = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise ConfigError(f"{source}: not a valid JSON object of key ids") from exc
+        if not isinstance(document, dict):
+            raise ConfigError(f"{source}: not a valid JSON object of key ids")
+        pairs = list(document.items())
+    else:
+        for number, line in enumerate(text.splitlines(), start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            key_id, colon, encoded = line.partition(":")
+            if not colon:
+                raise ConfigError(f"{source}: line {number}: expected 'key_id: base64 secret'")
+            pairs.append((key_id.strip(), encoded.strip()))
+    secrets: dict[str, bytes] = {}
+    for key_id, encoded in pairs:
+        if not KEY_ID.match(key_id):
+            raise ConfigError(f"{source}: key id {key_id!r}: use 1-64 of A-Z a-z 0-9 . _ -")
+        if key_id in secrets:
+            raise ConfigError(f"{source}: key id {key_id!r} appears twice")
+        try:
+            secret = base64.b64decode(str(encoded), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ConfigError(f"{source}: key {key_id!r}: not valid base64") from exc
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ConfigError(
+                f"{source}: key {key_id!r}: at least {MIN_SECRET_BYTES} random bytes, "
+                f"not {len(secret)}"
+            )
+        secrets[key_id] = secret
+    return secrets
+
+
+def load_watermark_keys(
+    settings: WatermarkSettings, environ: Mapping[str, str] = os.environ
+) -> dict[str, int]:
+    """Every configured watermark key (64-bit, derived from its secret) by key id."""
+    secrets: dict[str, bytes] = {}
+    if settings.keys_file is not None:
+        try:
+            text = settings.keys_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"watermark.keys_file: cannot read {settings.keys_file} ({exc.strerror})"
+            ) from exc
+        secrets.update(parse_keys(text, "watermark.keys_file"))
+    if environ.get(KEYS_ENV_VAR):
+        from_env = parse_keys(environ[KEYS_ENV_VAR], KEYS_ENV_VAR)
+        for key_id in from_env.keys() & secrets.keys():
+            raise ConfigError(f"{KEYS_ENV_VAR}: key id {key_id!r} is also in watermark.keys_file")
+        secrets.update(from_env)
+    if not secrets:
+        raise ConfigError(
+            f"watermark.enabled: no watermark keys; set watermark.keys_file or {KEYS_ENV_VAR}"
+        )
+    return {key_id: derive_key(secret, key_id) for key_id, secret in secrets.items()}
+
+
+# --- the detector ----------------------------------------------------------------------------
+
+
+def header_value(found: Detection) -> bytes:
+    if found.watermarked:
+        return f"watermarked; z={found.z_score:.2f}; key={found.key_id}".encode()
+    return f"absent; z={found.z_score:.2f}".encode()
+
+
+class WatermarkDetector:
+    """The configured keys and per-model tokenizers; scores texts with every key."""
+
+    def __init__(self, settings: WatermarkSettings, keys: Mapping[str, int]) -> None:
+        self.params = WatermarkParams(
+            key=0, gamma=settings.gamma, delta=settings.delta, z_threshold=settings.z_threshold
+        )
+        self.keys = dict(keys)
+        self._paths = {
+            model: path if path.is_file() else path / "tokenizer.json"
+            for model, path in settings.tokenizers.items()
+        }
+        self._tokenizers: dict[str, Tokenizer] = {}
+        self._failed: dict[str, TokenizerUnavailable] = {}
+        self._loading = asyncio.Lock()
+        self._checks = {model: AnswerCheck(self, model) for model in self._paths}
+
+    def models(self) -> list[str]:
+        """The models with a tokenizer, in configuration order."""
+        return list(self._paths)
+
+    def for_model(self, model: str) -> AnswerCheck | None:
+        """The check for answers of ``model``, or None when it has no tokenizer."""
+        return self._checks.get(model)
+
+    async def tokenizer(self, model: str) -> Tokenizer:
+        """``model``'s tokenizer, loaded (in a thread) on first use, then kept.
+
+        A file that cannot be loaded is tried once per process: fix it and restart.
+        """
+        found = self._tokenizers.get(model)
+        if found is not None:
+            return found
+        async with self._loading:
+            if model in self._failed:
+                raise self._failed[model]
+            if model not in self._tokenizers:
+                try:
+                    self._tokenizers[model] = await asyncio.to_thread(self._load, model)
+                except TokenizerUnavailable as exc:
+                    self._failed[model] = exc
+                    raise
+        return self._tokenizers[model]
+
+    def _load(self, model: str) -> Tokenizer:
+        from tokenizers import Tokenizer
+
+        path = self._paths[model]
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises plain Exception for bad files
+            log.error("cannot load the tokenizer of %s from %s: %s", model, path, exc)
+            raise TokenizerUnavailable(
+                f"The tokenizer of model '{model}' could not be loaded."
+            ) from exc
+        log.info("loaded the tokenizer of %s from %s", model, path)
+        return tokenizer
+
+    def score_ids(self, segments: list[list[int]]) -> Detection:
+        """Score token sequences generated separately (choices, text fields) together."""
+        pairs = [np.asarray(ids, dtype=np.int64) for ids in segments if len(ids) > 1]
+        if pairs:
+            prev = np.concatenate([ids[:-1] for ids in pairs])
+            tokens = np.concatenate([ids[1:] for ids in pairs])
+        else:
+            prev = tokens = np.zeros(0, dtype=np.int64)
+        return detect_pairs(self.keys, self.params, prev, tokens)
+
+    async def score_texts(
+        self, model: str, texts: list[str], *, in_thread: bool | None = None
+    ) -> tuple[Detection, int]:
+        """The verdict on texts ``model`` generated, and how many tokens they encode to.
+
+        The work runs in a thread when ``in_thread``, or (None) when the texts are long.
+        """
+        tokenizer = await self.tokenizer(model)
+
+        def run() -> tuple[Detection, int]:
+            # encode_batch_fast: no character offsets, a quarter faster than encode.
+            encoded = tokenizer.encode_batch_fast([t for t in texts if t], add_special_tokens=False)
+            segments = [e.ids for e in encoded]
+            return self.score_ids(segments), sum(len(ids) for ids in segments)
+
+        if in_thread is None:
+            in_thread = sum(len(t) for t in texts) > INLINE_CHARS
+        if not in_thread:
+            return run()
+        return await asyncio.to_thread(run)
+
+
+def _choice_texts(choices: Any, message_key: str, into: dict[tuple[int, str], list[str]]) -> None:
+    """Append the generated text of each choice (by index and field) to ``into``."""
+    if not isinstance(choices, list):
+        return
+    for position, choice in enumerate(choices):
+        if not isinstance(choice, dict):
+            continue
+        index = choice.get("index", position)
+        index = index if isinstance(index, int) else position
+        text = choice.get("text")
+        if isinstance(text, str):
+            into.setdefault((index, "text"), []).append(text)
+        message = choice.get(message_key)
+        if isinstance(message, dict):
+            for field in MESSAGE_FIELDS:
+                value = message.get(field)
+                if isinstance(value, str):
+                    into.setdefault((index, field), []).append(value)
+
+
+class AnswerCheck:
+    """The watermark check of one model's answers (``ProxyRequest.watermark``)."""
+
+    def __init__(self, detector: WatermarkDetector, model: str) -> None:
+        self._detector = detector
+        self.model = model
+
+    async def verdict(self, texts: list[str]) -> bytes | None:
+        """The header value for the answer's texts; None when it cannot be scored."""
+        try:
+            found, _ = await self._detector.score_texts(self.model, texts)
+        except TokenizerUnavailable:
+            return None  # logged where it failed; the answer itself is fine
+        WATERMARK_VERDICTS.labels("watermarked" if found.watermarked else "absent").inc()
+        return header_value(found)
+
+    async def headers_for_body(self, body: bytes) -> list[tuple[bytes, bytes]]:
+        """``[("x-bastion-watermark", verdict)]`` for a whole JSON answer (or nothing)."""
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return []
+        if not isinstance(document, dict):
+            return []
+        texts: dict[tuple[int, str], list[str]] = {}
+        _choice_texts(document.get("choices"), "message", texts)
+        verdict = await self.verdict(["".join(parts) for parts in texts.values()])
+        return [] if verdict is None else [(HEADER, verdict)]
+
+    def stream(self) -> StreamCheck:
+        return StreamCheck(self)
+
+
+class StreamCheck:
+    """Collects a stream's text; its verdict goes out as an SSE comment before [DONE]."""
+
+    __slots__ = ("_answer", "_sent", "_texts")
+
+    def __init__(self, answer: AnswerCheck) -> None:
+        self._answer = answer
+        self._texts: dict[tuple[int, str], list[str]] = {}
+        self._sent = False
+
+    async def feed(self, events: bytes) -> bytes:
+        """Note the text in ``events`` (whole SSE events); insert the verdict before [DONE]."""
+        if self._sent:
+            return events
+        done_at = -1
+        for line in events.splitlines():
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                done_at = events.find(line)
+                break
+            if b'"choices"' not in payload:
+                continue
+            try:
+                chunk = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(chunk, dict):
+                _choice_texts(chunk.get("choices"), "delta", self._texts)
+        if done_at < 0:
+            return events
+        return events[:done_at] + await self.close() + events[done_at:]
+
+    async def close(self) -> bytes:
+        """The verdict comment, unless it was sent already (call once the stream ended)."""
+        if self._sent:
+            return b""
+        self._sent = True
+        verdict = await self._answer.verdict(["".join(p) for p in self._texts.values()])
+        return b"" if verdict is None else b": " + HEADER + b": " + verdict + b"\n\n"
+
+
+# --- POST /v1/watermark/detect -------------------------------------------------------------
+
+
+class DetectRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: StrictStr
+    model: StrictStr | None = None
+
+
+class WatermarkEndpoint:
+    """``POST /v1/watermark/detect``: is this text watermarked by one of our keys?"""
+
+    def __init__(self, detector: WatermarkDetector | None, max_body_bytes: int) -> None:
+        self._detector = detector
+        self._max_body_bytes = max_body_bytes
+
+    async def detect(self, request: Request) -> Response:
+        detector = self._detector
+        if detector is None:
+            raise NotFound(
+                "Watermark detection is not enabled on this gateway (watermark.enabled).",
+                code="watermark_disabled",
+            )
+        raw = await read_body(request.scope, request.receive, self._max_body_bytes)
+        try:
+            spec = DetectRequest.model_validate_json(raw)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            if first["type"] == "json_invalid":
+                raise InvalidJSON("The request body is not valid JSON.") from exc
+            param = ".".join(str(p) for p in first["loc"])
+            raise InvalidRequest(
+                f"Invalid request: '{param}' {first['msg']}.", param=param
+            ) from exc
+        model = self._model(detector, spec.model)
+        found, tokens = await detector.score_texts(model, [spec.text], in_thread=True)
+        return JSONResponse(
+            {
+                "object": "watermark.detection",
+                "model": model,
+                "watermarked": found.watermarked,
+                "z_score": found.z_score,
+                "p_value": found.p_value,
+                "tokens": tokens,
+                "scored": found.scored,
+                "green": found.green,
+                "key_id": found.key_id if found.watermarked else None,
+            }
+        )
+
+    @staticmethod
+    def _model(detector: WatermarkDetector, model: str | None) -> str:
+        models = detector.models()
+        if model is None:
+            if len(models) == 1:
+                return models[0]
+            raise InvalidRequest(
+                "'model' is required: choose one of the models with a tokenizer "
+                f"({', '.join(models) or 'none configured'}).",
+                param="model",
+            )
+        if model not in models:
+            raise ModelNotFound(
+                f"The model '{model}' has no tokenizer for watermark detection "
+                "(watermark.tokenizers).",
+                param="model",
+            )
+        return model
