@@ -138,3 +138,18 @@ def test_parse_duration(text: str, seconds: int) -> None:
 def test_parse_duration_refuses(text: str) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+def test_verified_keys_are_remembered_without_weakening_checks(store: KeyStore) -> None:
+    cache = KeyCache(store, KeyHasher(PEPPER), refresh_s=1)
+    key, info = store.create(["app"], expires_in=timedelta(hours=1))
+    cache.load()
+    for _ in range(3):  # the second and third are answered from the verified memo
+        assert isinstance(cache.check(key, time.time()), Principal)
+    tampered = key[:-1] + ("A" if key[-1] != "A" else "B")
+    assert cache.check(tampered, time.time()) == "unknown API key"
+    assert info.expires_at is not None
+    assert cache.check(key, info.expires_at.timestamp() + 1) == "expired API key"
+    store.revoke(info.id)
+    cache.load()  # a refreshed entry is a new object: verified anew, and refused
+    assert cache.check(key, time.time()) == "revoked API key"
