@@ -33,6 +33,7 @@ class Admission:
         self._policy = ModelPolicy(settings.auth.role_models)
         self._limiter = limiter
         self._tiers = settings.priority.tiers if settings.priority.enabled else {}
+        self._headers_always = settings.rate_limits.response_headers == "always"
 
     @property
     def counts_tokens(self) -> bool:
@@ -48,8 +49,8 @@ class Admission:
         if self._limiter is not None:
             reserved = estimate_tokens(body)
             decision = await self._limiter.check(principal.key_id, reserved)
-            headers = decision.headers()
             if not decision.allowed:
+                headers = decision.headers()
                 if decision.degraded:
                     raise RateLimiterUnavailable("Rate limiting is unavailable; try again.")
                 raise RateLimited(
@@ -58,6 +59,8 @@ class Admission:
                     "allowed; see the x-ratelimit-* headers.",
                     headers,
                 )
+            if self._headers_always:
+                headers = decision.headers()
         priority = self._tiers.get(principal.tier)
         return Admitted(reserved, headers, priority or None)
 

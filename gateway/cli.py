@@ -39,6 +39,8 @@ keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help
 app.add_typer(keys_app, name="keys")
 secrets_app = typer.Typer(help="Create the secrets Bastion needs.", no_args_is_help=True)
 app.add_typer(secrets_app, name="secrets")
+inference_app = typer.Typer(help="Run the vLLM inference tier.", no_args_is_help=True)
+app.add_typer(inference_app, name="inference")
 
 err = Console(stderr=True)
 
@@ -53,9 +55,9 @@ ConfigOption = Annotated[
 ]
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, code: int = 2) -> NoReturn:
     print(f"bastion: {message}", file=sys.stderr)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
 
 
 def _load(config: Path | None, **overrides: Any) -> Settings:
@@ -307,6 +309,53 @@ def create_master_key(path: Path) -> None:
     except FileExistsError:
         _fail(f"{path} exists; not overwriting a master key")
     err.print(f"master key written to {path}; set BASTION_MASTER_KEY_FILE={path.resolve()}")
+
+
+@inference_app.command("serve")
+def inference_serve(config: ConfigOption = None) -> None:
+    """Start vLLM's OpenAI server from the `inference:` settings; Ctrl-C stops it."""
+    from gateway.config import load_inference_settings
+    from inference.launch import serve_tier
+    from inference.supervisor import LaunchError
+
+    try:
+        settings = load_inference_settings(config)
+    except ConfigError as exc:
+        _fail(f"configuration error: {exc}")
+    try:
+        serve_tier(settings, err)
+    except LaunchError as exc:
+        if exc.tail:
+            err.print(f"[bold]last lines of {settings.python} -m vllm:[/]")
+            for line in exc.tail[-20:]:
+                err.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+        _fail(str(exc), code=1)
+
+
+@inference_app.command("build-dev-model")
+def inference_build_dev_model(
+    directory: Annotated[Path, typer.Argument(help="Where to write the model directory.")],
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.", min=0)] = 0,
+    force: Annotated[bool, typer.Option(help="Replace a dev model already there.")] = False,
+) -> None:
+    """Build a tiny random Llama and its tokenizer, offline and deterministically."""
+    from inference.dev_model import DevModelExists, build_dev_model
+
+    with err.status("building the dev model") as status:
+
+        def step(what: str) -> None:
+            status.update(what)
+            err.print(f"  {what}", highlight=False)
+
+        try:
+            build_dev_model(directory, seed=seed, force=force, on_step=step)
+        except DevModelExists as exc:
+            _fail(str(exc))
+    err.print(
+        f"[bold green]dev model[/] (seed {seed}) in {directory}; serve it with "
+        f"inference.model: {directory}",
+        soft_wrap=True,
+    )
 
 
 @config_app.command("check")

@@ -33,6 +33,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from inference.settings import InferenceSettings
+
 CONFIG_ENV_VAR = "BASTION_CONFIG"
 
 PositiveSeconds = Annotated[float, Field(gt=0, le=3600)]
@@ -192,6 +194,9 @@ class RateLimitSettings(Section):
     tokens_per_minute: int = Field(default=100_000, ge=1)
     redis_failure_mode: Literal["open", "closed"] = "open"
     """When Redis is unreachable: let requests through (open) or refuse them (closed)."""
+    response_headers: Literal["always", "on_refusal"] = "always"
+    """``x-ratelimit-*`` on every answer, as OpenAI does (``always``), or only on 429s;
+    six headers on every answer cost about a tenth of the gateway's throughput."""
 
 
 class PrioritySettings(Section):
@@ -297,6 +302,8 @@ class Settings(StoreSettings):
     rate_limits: RateLimitSettings = RateLimitSettings()
     priority: PrioritySettings = PrioritySettings()
     watermark: WatermarkSettings = WatermarkSettings()
+    inference: InferenceSettings = InferenceSettings()
+    """The vLLM tier that ``bastion inference serve`` starts (inference/settings.py)."""
 
     @model_validator(mode="after")
     def _check_references(self) -> Self:
@@ -327,6 +334,12 @@ class Settings(StoreSettings):
         return list(dict.fromkeys(m for u in self.upstreams for m in u.models))
 
 
+class InferenceTierSettings(StoreSettings):
+    """Only what ``bastion inference serve`` needs: a GPU host's YAML may hold nothing else."""
+
+    inference: InferenceSettings = InferenceSettings()
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -350,7 +363,11 @@ def _describe(error: ValidationError) -> str:
     location = ".".join(str(part) for part in first["loc"])
     kind = first["type"]
     message = first["msg"]
-    if kind == "extra_forbidden":
+    if kind == "field_error":  # a section's validator naming a field inside it
+        ctx = first.get("ctx", {})
+        location = ".".join(p for p in (location, ctx["field"]) if p)
+        message = ctx["reason"]
+    elif kind == "extra_forbidden":
         message = "unknown key"
     elif kind == "missing":
         message = "is required"
@@ -382,6 +399,11 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
 def load_store_settings(path: str | Path | None = None) -> StoreSettings:
     """Only the store and secret settings (other sections are not checked)."""
     return _load(StoreSettings, path, {})
+
+
+def load_inference_settings(path: str | Path | None = None) -> InferenceSettings:
+    """The ``inference:`` section (with ``BASTION_INFERENCE__*``); other sections unchecked."""
+    return _load(InferenceTierSettings, path, {}).inference
 
 
 def _load(cls: type[SettingsT], path: str | Path | None, overrides: dict[str, Any]) -> SettingsT:

@@ -513,3 +513,29 @@ def test_serve_refuses_to_start_without_a_master_key(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.strip().startswith("bastion: configuration error: master_key:")
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_rate_limit_headers_only_on_refusals_when_configured(
+    pool: ProcessPool, tmp_path: Path
+) -> None:
+    upstream = pool.upstream("hdr-up", ["m1"])
+    settings = secure_settings(
+        tmp_path / "bastion.db",
+        rate_limits={
+            "enabled": True,
+            "requests_per_second": 1,
+            "burst": 1,
+            "response_headers": "on_refusal",
+        },
+    )
+    gateway = pool.gateway([upstream], env={"BASTION_MASTER_KEY": MASTER_KEY}, **settings)
+    key = make_key(gateway, "--role", "app")["key"]
+    wait_for_key(gateway, key)
+    time.sleep(1.1)  # refill after wait_for_key's probe
+    ok = gateway.http.post("/v1/chat/completions", json=chat_body("m1"), headers=bearer(key))
+    assert ok.status_code == 200
+    assert not [h for h in ok.headers if h.startswith("x-ratelimit")]
+    refused = gateway.http.post("/v1/chat/completions", json=chat_body("m1"), headers=bearer(key))
+    assert_openai_error(refused, 429, "rate_limit_error", "rate_limit_exceeded")
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert int(refused.headers["retry-after"]) >= 1
