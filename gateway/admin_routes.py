@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from gateway.asgi import read_body
 from gateway.config import Role
-from gateway.errors import InvalidJSON, InvalidRequest, NotFound
+from gateway.errors import InvalidRequest, NotFound
 from gateway.keys import KeyCache, KeyStore, parse_duration
+from gateway.schemas import parse_json_model
 
 
 class CreateKeyRequest(BaseModel):
@@ -24,6 +26,9 @@ class CreateKeyRequest(BaseModel):
     description: str = Field(default="", max_length=256)
 
 
+ADMIN_BODY_LIMIT = 64 * 1024
+
+
 class KeyAdmin:
     def __init__(self, store: KeyStore, cache: KeyCache, tiers: dict[str, int]) -> None:
         self._store = store
@@ -31,17 +36,8 @@ class KeyAdmin:
         self._tiers = tiers
 
     async def create(self, request: Request) -> Response:
-        raw = await request.body()
-        try:
-            spec = CreateKeyRequest.model_validate_json(raw)
-        except ValidationError as exc:
-            first = exc.errors(include_url=False)[0]
-            if first["type"] == "json_invalid":
-                raise InvalidJSON("The request body is not valid JSON.") from exc
-            param = ".".join(str(p) for p in first["loc"])
-            raise InvalidRequest(
-                f"Invalid request: '{param}' {first['msg']}.", param=param
-            ) from exc
+        raw = await read_body(request.scope, request.receive, ADMIN_BODY_LIMIT)
+        spec = parse_json_model(raw, CreateKeyRequest)
         if self._tiers and spec.tier not in self._tiers:
             raise InvalidRequest(
                 f"Unknown tier '{spec.tier}'; configured: {', '.join(self._tiers)}.", param="tier"

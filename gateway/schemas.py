@@ -6,7 +6,7 @@ other field is passed through untouched so new OpenAI and vLLM parameters keep w
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
@@ -89,3 +89,18 @@ def parse_body(raw: bytes, schema: type[_Body]) -> dict[str, Any]:
             message = _UNION_MESSAGES[param]
         raise InvalidRequest(f"Invalid request: '{param}' {message}.", param=param) from exc
     return body
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def parse_json_model(raw: bytes, model: type[ModelT]) -> ModelT:
+    """A small JSON body (admin and detection routes) as ``model``, or a 400 naming the field."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        if first["type"] == "json_invalid":
+            raise InvalidJSON("The request body is not valid JSON.") from exc
+        param = ".".join(str(p) for p in first["loc"])
+        raise InvalidRequest(f"Invalid request: '{param}' {first['msg']}.", param=param) from exc

@@ -34,13 +34,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, StrictStr
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway.asgi import read_body
 from gateway.config import ConfigError, WatermarkSettings
-from gateway.errors import InvalidJSON, InvalidRequest, ModelNotFound, NotFound, ServiceUnavailable
+from gateway.errors import InvalidRequest, ModelNotFound, NotFound, ServiceUnavailable
+from gateway.schemas import parse_json_model
 from inference.watermark import Detection, WatermarkParams, derive_key, detect_pairs
 from monitors.metrics import WATERMARK_VERDICTS
 
@@ -352,16 +353,7 @@ class WatermarkEndpoint:
                 code="watermark_disabled",
             )
         raw = await read_body(request.scope, request.receive, self._max_body_bytes)
-        try:
-            spec = DetectRequest.model_validate_json(raw)
-        except ValidationError as exc:
-            first = exc.errors(include_url=False)[0]
-            if first["type"] == "json_invalid":
-                raise InvalidJSON("The request body is not valid JSON.") from exc
-            param = ".".join(str(p) for p in first["loc"])
-            raise InvalidRequest(
-                f"Invalid request: '{param}' {first['msg']}.", param=param
-            ) from exc
+        spec = parse_json_model(raw, DetectRequest)
         model = self._model(detector, spec.model)
         found, tokens = await detector.score_texts(model, [spec.text], in_thread=True)
         return JSONResponse(
