@@ -4,7 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: dev test lint bench-proxy
+INFERENCE_VENV ?= .venv-inference
+
+.PHONY: dev test lint inference-env bench-proxy
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,12 +14,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[gateway,dev]'
 	rm -f $(VENV)/.installed-* && touch $@
 
-## Run the embedded default (until the local inference tier lands: UPSTREAM=<OpenAI-compatible URL>)
+## Run the embedded default: gateway + local vLLM tier (or UPSTREAM=<OpenAI-compatible URL>)
 dev: $(STAMP)
-	$(BIN)/bastion dev $(if $(UPSTREAM),--upstream $(UPSTREAM)) $(ARGS)
+	$(BIN)/bastion dev --inference-venv $(INFERENCE_VENV) $(if $(UPSTREAM),--upstream $(UPSTREAM)) $(ARGS)
 
-## Lint and run the whole test suite
-test: $(STAMP) lint
+## vLLM's own environment (CPU build), for the tier's tests and `bastion dev`; once
+inference-env: $(STAMP)
+	$(BIN)/bastion inference install $(INFERENCE_VENV)
+
+## Lint and run the whole test suite (real vLLM on CPU included)
+test: $(STAMP) lint inference-env
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -8,6 +8,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -169,40 +170,151 @@ def _discover_models(upstream: str) -> list[str]:
 def dev(
     upstream: Annotated[
         str | None,
-        typer.Option(help="URL of an OpenAI-compatible server (e.g. vLLM) to put behind Bastion."),
+        typer.Option(
+            help="Put Bastion in front of this OpenAI-compatible server instead of starting "
+            "a local vLLM tier."
+        ),
     ] = None,
     model: Annotated[
         list[str] | None,
-        typer.Option(help="Model served by the upstream (default: ask its /v1/models)."),
+        typer.Option(help="With --upstream: its models (default: ask its /v1/models)."),
+    ] = None,
+    model_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Serve this model directory (default: the dev model, built if missing).",
+            file_okay=False,
+        ),
     ] = None,
     host: Annotated[str, typer.Option(help="Listen address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Listen port.")] = 8080,
+    inference_port: Annotated[int, typer.Option(help="The local vLLM tier's port.")] = 8000,
+    inference_venv: Annotated[
+        Path, typer.Option(help="vLLM's virtual environment (installed if missing).")
+    ] = Path(".venv-inference"),
 ) -> None:
-    """Run the embedded default: the gateway in a development setup on one machine.
+    """Run the embedded default: gateway + local vLLM tier + SQLite on one machine.
 
-    Until the local inference tier lands, it needs --upstream: any OpenAI-compatible server.
+    Sets up what is missing (vLLM's environment, the dev model, secrets under .bastion/),
+    starts the tier with the watermark, then the gateway, and prints the URL and a freshly
+    minted admin key. Ctrl-C stops both.
     """
-    if upstream is None:
-        _fail("bastion dev needs --upstream URL (an OpenAI-compatible server, e.g. vLLM)")
-    models = model or _discover_models(upstream)
-    state = Path(".bastion")
-    document = {
-        "dev": True,
-        "server": {"host": host, "port": port},
-        "database_url": f"sqlite:///{(state / 'dev.db').resolve()}",
-        "upstreams": [{"name": "dev", "url": upstream, "models": models}],
-    }
-    state.mkdir(exist_ok=True)
-    config_path = state / "dev.yaml"
+    from gateway import dev_setup
+
+    dev_setup.STATE_DIR.mkdir(exist_ok=True)
+    config_path = dev_setup.CONFIG_FILE
+    if upstream is not None:
+        models = model or _discover_models(upstream)
+        document = dev_setup.gateway_only_document(host, port, upstream, models)
+        served = f"upstream {upstream} serving {', '.join(models)}"
+    else:
+        if model:
+            _fail("--model names an --upstream's models; use --model-dir for a local model")
+        document = _prepare_embedded(
+            host, port, model_dir, inference_port, inference_venv.absolute()
+        )
+        model_name = document["upstreams"][0]["models"][0]
+        served = f"local vLLM tier on :{inference_port} serving {model_name}"
     config_path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
     settings = _load(config_path)
     admin_key, _ = _key_store(config_path).create(["admin"], description="bastion dev")
-    err.print(f"[bold green]Bastion dev gateway[/] on http://{host}:{port}/v1")
-    err.print(f"  upstream {upstream} serving {', '.join(models)}; config in {config_path}")
-    err.print(f"  admin key (shown once): [bold]{admin_key}[/]", soft_wrap=True)
-    err.print("  Ctrl-C stops it.")
+
+    def banner() -> None:
+        err.print(f"[bold green]Bastion dev gateway[/] on http://{host}:{port}/v1")
+        err.print(f"  {served}; config in {config_path}", soft_wrap=True)
+        err.print(f"  admin key (shown once): [bold]{admin_key}[/]", soft_wrap=True)
+        err.print("  Ctrl-C stops it.")
+
     _configure_logging("warning")
-    _run_server(settings, config_path, "warning", access_log=False)
+    if upstream is not None:
+        banner()
+        _run_server(settings, config_path, "warning", access_log=False)
+        return
+    _run_with_tier(settings, config_path, banner)
+
+
+def _prepare_embedded(
+    host: str, port: int, model_dir: Path | None, inference_port: int, venv_dir: Path
+) -> dict[str, Any]:
+    """Install vLLM's environment, build the dev model and create keys, as needed."""
+    from gateway import dev_setup
+    from inference.dev_model import build_dev_model
+    from inference.environment import InstallError, install, is_installed, python_of
+
+    if not is_installed(venv_dir):
+        err.print(f"setting up vLLM's environment in {venv_dir} (once; a few minutes)")
+        with err.status("installing") as status:
+            try:
+                took = install(venv_dir, on_progress=lambda line: status.update(line))
+            except InstallError as exc:
+                for line in exc.tail[-20:]:
+                    err.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+                _fail(str(exc), code=1)
+        err.print(f"  vLLM installed in {took:.0f} s")
+    dev_model = model_dir is None
+    if model_dir is None:
+        model_dir = dev_setup.DEV_MODEL_DIR
+        if not (model_dir / "config.json").is_file():
+            with err.status("building the dev model") as status:
+                build_dev_model(model_dir, on_step=lambda what: status.update(what))
+            err.print(f"  dev model built in {model_dir}")
+    elif not (model_dir / "config.json").is_file():
+        _fail(f"--model-dir: {model_dir} is not a model directory (no config.json)")
+    if dev_setup.ensure_watermark_keys():
+        err.print(f"  watermark key created in {dev_setup.WATERMARK_KEYS_FILE}")
+    name = dev_setup.DEV_MODEL_NAME if dev_model else (model_dir.resolve().name or "model")
+    return dev_setup.embedded_document(
+        host,
+        port,
+        python=python_of(venv_dir),
+        model_dir=model_dir,
+        model_name=name,
+        inference_port=inference_port,
+        dev_model=dev_model,
+    )
+
+
+def _run_with_tier(settings: Settings, config_path: Path, banner: Callable[[], None]) -> None:
+    """vLLM first (until healthy), then the gateway; Ctrl-C or SIGTERM stops both."""
+    from inference.launch import interrupt_on_sigterm, running_tier
+    from inference.supervisor import LaunchError
+
+    try:
+        with (
+            interrupt_on_sigterm(),
+            running_tier(
+                settings.inference, err, _tier_watermark_env(settings.inference, settings.watermark)
+            ),
+        ):
+            banner()
+            _run_server(settings, config_path, "warning", access_log=False)
+    except KeyboardInterrupt:
+        err.print("stopped")
+    except LaunchError as exc:
+        _report_launch_error(exc, settings.inference.python)
+
+
+def _tier_watermark_env(inference: Any, watermark: Any) -> dict[str, str]:
+    """The processor's variables when the tier watermarks (checked before vLLM starts)."""
+    from inference.launch import watermark_environment
+    from inference.supervisor import LaunchError
+
+    if not inference.watermark:
+        return {}
+    try:
+        return watermark_environment(
+            watermark.keys_file, watermark.generation_key_id, watermark.gamma, watermark.delta
+        )
+    except LaunchError as exc:
+        _fail(f"configuration error: {exc}")
+
+
+def _report_launch_error(exc: Any, python: Path) -> NoReturn:
+    if exc.tail:
+        err.print(f"[bold]last lines of {python} -m vllm:[/]")
+        for line in exc.tail[-20:]:
+            err.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+    _fail(str(exc), code=1)
 
 
 def _key_store(config: Path | None) -> Any:
@@ -319,17 +431,34 @@ def inference_serve(config: ConfigOption = None) -> None:
     from inference.supervisor import LaunchError
 
     try:
-        settings = load_inference_settings(config)
+        tier = load_inference_settings(config)
     except ConfigError as exc:
         _fail(f"configuration error: {exc}")
+    extra_env = _tier_watermark_env(tier.inference, tier.watermark)
     try:
-        serve_tier(settings, err)
+        serve_tier(tier.inference, err, extra_env)
     except LaunchError as exc:
-        if exc.tail:
-            err.print(f"[bold]last lines of {settings.python} -m vllm:[/]")
+        _report_launch_error(exc, tier.inference.python)
+
+
+@inference_app.command("install")
+def inference_install(
+    venv_dir: Annotated[Path, typer.Argument(help="Where vLLM's virtual environment goes.")] = Path(
+        ".venv-inference"
+    ),
+) -> None:
+    """Create vLLM's own environment (CPU build; for development and CI), once."""
+    from inference.environment import InstallError, install, python_of
+
+    with err.status(f"setting up {venv_dir}") as status:
+        try:
+            took = install(venv_dir, on_progress=lambda line: status.update(line))
+        except InstallError as exc:
             for line in exc.tail[-20:]:
                 err.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
-        _fail(str(exc), code=1)
+            _fail(str(exc), code=1)
+    done = f"installed in {took:.0f} s" if took else "already installed"
+    err.print(f"[bold green]{venv_dir}[/]: {done}; inference.python: {python_of(venv_dir)}")
 
 
 @inference_app.command("build-dev-model")

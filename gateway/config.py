@@ -228,6 +228,8 @@ class WatermarkSettings(Section):
     """z at or above which a text is watermarked (4: one false positive in ~20,000)."""
     keys_file: FilePath | None = None
     """``key_id: base64 secret`` lines, or a JSON object ``{"key_id": "base64"}``."""
+    generation_key_id: str | None = None
+    """The key id the inference tier watermarks with (default: the last one listed)."""
     tokenizers: dict[str, Path] = {}
     """Model name -> its directory holding ``tokenizer.json`` (or that file itself)."""
 
@@ -338,6 +340,8 @@ class InferenceTierSettings(StoreSettings):
     """Only what ``bastion inference serve`` needs: a GPU host's YAML may hold nothing else."""
 
     inference: InferenceSettings = InferenceSettings()
+    watermark: WatermarkSettings = WatermarkSettings()
+    """Read for the generating key, gamma and delta when ``inference.watermark`` is on."""
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -401,9 +405,9 @@ def load_store_settings(path: str | Path | None = None) -> StoreSettings:
     return _load(StoreSettings, path, {})
 
 
-def load_inference_settings(path: str | Path | None = None) -> InferenceSettings:
-    """The ``inference:`` section (with ``BASTION_INFERENCE__*``); other sections unchecked."""
-    return _load(InferenceTierSettings, path, {}).inference
+def load_inference_settings(path: str | Path | None = None) -> InferenceTierSettings:
+    """The ``inference:`` and ``watermark:`` sections (with ``BASTION_*``); others unchecked."""
+    return _load(InferenceTierSettings, path, {})
 
 
 def _load(cls: type[SettingsT], path: str | Path | None, overrides: dict[str, Any]) -> SettingsT:

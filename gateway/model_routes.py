@@ -14,15 +14,31 @@ import orjson
 
 from gateway.admission import Admission
 from gateway.asgi import Receive, Scope, Send, read_body, request_id_of
-from gateway.errors import GatewayError
+from gateway.errors import Forbidden, GatewayError, InvalidRequest
 from gateway.middleware.auth import principal_of
 from gateway.proxy import Forwarder, ProxyRequest
+from gateway.rbac import Principal
 from gateway.schemas import _Body, parse_body
 from gateway.upstreams import UpstreamPool
 from gateway.usage import Usage
 from gateway.watermark_check import WatermarkDetector
 
 NO_USAGE = Usage(0, 0, 0)
+# vLLM passes a body's "vllm_xargs" to logits processors; this one turns the watermark off.
+WATERMARK_OPT_OUT = "bastion_watermark"
+
+
+def _check_watermark_opt_out(body: dict[str, Any], principal: Principal) -> None:
+    """Only roles holding ``watermark:opt_out`` may ask the inference tier for unmarked text."""
+    extra = body.get("vllm_xargs")
+    if extra is None:
+        return
+    if not isinstance(extra, dict):
+        raise InvalidRequest("vllm_xargs: must be an object", param="vllm_xargs")
+    if WATERMARK_OPT_OUT in extra and not principal.has("watermark:opt_out"):
+        raise Forbidden(
+            f"vllm_xargs.{WATERMARK_OPT_OUT}: this key's roles may not turn the watermark off"
+        )
 
 
 class ModelEndpoint:
@@ -50,6 +66,7 @@ class ModelEndpoint:
         raw = await read_body(scope, receive, self._max_body_bytes)
         body = parse_body(raw, self._schema)
         principal = principal_of(scope)
+        _check_watermark_opt_out(body, principal)
         requested = body["model"]
         model = self._pool.resolve_model(requested)
         admitted = await self._admission.admit(principal, requested, body)

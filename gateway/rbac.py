@@ -3,7 +3,8 @@
 Every route names one permission (see ``permission=`` in gateway/app.py); this table
 says which roles hold it. ``public`` routes need no key. A data subject acting on their
 own data (``/privacy/subjects/{their id}``) is allowed by ``privacy:self`` whatever
-their roles.
+their roles. ``watermark:opt_out`` belongs to no route: it lets a model call turn the
+inference tier's watermark off (``"vllm_xargs": {"bastion_watermark": "off"}``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ Permission = Literal[
     "models:call",
     "models:list",
     "watermark:detect",
+    "watermark:opt_out",
     "keys:manage",
     "upstreams:read",
     "audit:read",
@@ -33,15 +35,25 @@ ROLE_PERMISSIONS: Mapping[str, frozenset[str]] = {
             "models:call",
             "models:list",
             "watermark:detect",
+            "watermark:opt_out",
             "keys:manage",
             "upstreams:read",
             "metrics:read",
         }
     ),
     "model_admin": frozenset(
-        {"models:call", "models:list", "watermark:detect", "upstreams:read", "metrics:read"}
+        {
+            "models:call",
+            "models:list",
+            "watermark:detect",
+            "watermark:opt_out",
+            "upstreams:read",
+            "metrics:read",
+        }
     ),
-    "data_scientist": frozenset({"models:call", "models:list", "watermark:detect"}),
+    "data_scientist": frozenset(
+        {"models:call", "models:list", "watermark:detect", "watermark:opt_out"}
+    ),
     "app": frozenset({"models:call", "models:list"}),
     "auditor": frozenset(
         {"models:list", "watermark:detect", "audit:read", "privacy:manage", "metrics:read"}

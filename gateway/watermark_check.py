@@ -24,11 +24,8 @@ work at all for watermarks.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import os
-import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +39,9 @@ from gateway.asgi import read_body
 from gateway.config import ConfigError, WatermarkSettings
 from gateway.errors import InvalidRequest, ModelNotFound, NotFound, ServiceUnavailable
 from gateway.schemas import parse_json_model
+from inference import watermark_keys
 from inference.watermark import Detection, WatermarkParams, derive_key, detect_pairs
+from inference.watermark_keys import KEYS_ENV_VAR
 from monitors.metrics import WATERMARK_VERDICTS
 
 if TYPE_CHECKING:
@@ -50,10 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bastion.watermark")
 
-KEYS_ENV_VAR = "BASTION_WATERMARK_KEYS"
 HEADER = b"x-bastion-watermark"
-KEY_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-MIN_SECRET_BYTES = 16
 # Longer answers are tokenized in a thread (about 1 ms of CPU per 4,000 characters),
 # shorter ones inline: a thread hop costs more than they do.
 INLINE_CHARS = 16_384
@@ -71,61 +67,20 @@ class TokenizerUnavailable(ServiceUnavailable):
 
 def parse_keys(text: str, source: str) -> dict[str, bytes]:
     """``key_id: base64`` lines (``#`` comments) or a JSON object, into secrets by key id."""
-    pairs: list[tuple[str, Any]] = []
-    if text.lstrip()[:1] in ("{", "["):
-        try:
-            document = orjson.loads(text)
-        except orjson.JSONDecodeError as exc:
-            raise ConfigError(f"{source}: not a valid JSON object of key ids") from exc
-        if not isinstance(document, dict):
-            raise ConfigError(f"{source}: not a valid JSON object of key ids")
-        pairs = list(document.items())
-    else:
-        for number, line in enumerate(text.splitlines(), start=1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            key_id, colon, encoded = line.partition(":")
-            if not colon:
-                raise ConfigError(f"{source}: line {number}: expected 'key_id: base64 secret'")
-            pairs.append((key_id.strip(), encoded.strip()))
-    secrets: dict[str, bytes] = {}
-    for key_id, encoded in pairs:
-        if not KEY_ID.match(key_id):
-            raise ConfigError(f"{source}: key id {key_id!r}: use 1-64 of A-Z a-z 0-9 . _ -")
-        if key_id in secrets:
-            raise ConfigError(f"{source}: key id {key_id!r} appears twice")
-        try:
-            secret = base64.b64decode(str(encoded), validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise ConfigError(f"{source}: key {key_id!r}: not valid base64") from exc
-        if len(secret) < MIN_SECRET_BYTES:
-            raise ConfigError(
-                f"{source}: key {key_id!r}: at least {MIN_SECRET_BYTES} random bytes, "
-                f"not {len(secret)}"
-            )
-        secrets[key_id] = secret
-    return secrets
+    try:
+        return watermark_keys.parse_keys(text, source)
+    except watermark_keys.KeyFileError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def load_watermark_keys(
     settings: WatermarkSettings, environ: Mapping[str, str] = os.environ
 ) -> dict[str, int]:
     """Every configured watermark key (64-bit, derived from its secret) by key id."""
-    secrets: dict[str, bytes] = {}
-    if settings.keys_file is not None:
-        try:
-            text = settings.keys_file.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(
-                f"watermark.keys_file: cannot read {settings.keys_file} ({exc.strerror})"
-            ) from exc
-        secrets.update(parse_keys(text, "watermark.keys_file"))
-    if environ.get(KEYS_ENV_VAR):
-        from_env = parse_keys(environ[KEYS_ENV_VAR], KEYS_ENV_VAR)
-        for key_id in from_env.keys() & secrets.keys():
-            raise ConfigError(f"{KEYS_ENV_VAR}: key id {key_id!r} is also in watermark.keys_file")
-        secrets.update(from_env)
+    try:
+        secrets = watermark_keys.load_secrets(settings.keys_file, environ, "watermark.keys_file")
+    except watermark_keys.KeyFileError as exc:
+        raise ConfigError(str(exc)) from exc
     if not secrets:
         raise ConfigError(
             f"watermark.enabled: no watermark keys; set watermark.keys_file or {KEYS_ENV_VAR}"

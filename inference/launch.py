@@ -21,6 +21,8 @@ from rich.text import Text
 
 from inference.settings import InferenceSettings
 from inference.supervisor import LaunchError, ServerExited, ServerProcess, StartupTimeout
+from inference.watermark_keys import KEYS_ENV_VAR, KeyFileError, load_secrets
+from inference.watermark_keys import generation_key_id as generation_key_id_of
 
 # vLLM's ``vllm`` console script looks up an installed distribution named "vllm", which
 # CPU builds published under another name lack; the module entry point works for all.
@@ -54,6 +56,8 @@ def vllm_command(settings: InferenceSettings) -> list[str]:
         command += ["--max-num-batched-tokens", str(settings.max_num_batched_tokens)]
     if settings.max_model_len is not None:
         command += ["--max-model-len", str(settings.max_model_len)]
+    if settings.gpu_memory_utilization is not None:
+        command += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
     if settings.enforce_eager:
         command.append("--enforce-eager")
     if settings.lora_adapters:
@@ -119,11 +123,45 @@ def check_files(settings: InferenceSettings) -> None:
             )
 
 
-def serve_tier(settings: InferenceSettings, console: Console) -> None:
-    """Start vLLM, wait for ``/health``, run until Ctrl-C or SIGTERM, stop it cleanly.
+def watermark_environment(
+    keys_file: Path | None,
+    generation_key_id: str | None,
+    gamma: float,
+    delta: float,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """What the watermark processor reads, from the ``watermark:`` settings.
 
-    Returns after a requested stop; raises :class:`LaunchError` (with the server's last
-    output lines) if it cannot start, does not become ready in time, or exits by itself.
+    The keys are checked here, before vLLM starts, so a missing or bad key file is one
+    clear line rather than a traceback from vLLM's engine process. The secrets themselves
+    stay in the file (or in ``BASTION_WATERMARK_KEYS``, which the child inherits).
+    """
+    environ = os.environ if environ is None else environ
+    try:
+        secrets = load_secrets(keys_file, environ, "watermark.keys_file")
+        if not secrets:
+            raise KeyFileError(
+                f"inference.watermark: no watermark keys; set watermark.keys_file or {KEYS_ENV_VAR}"
+            )
+        generation_key_id_of(secrets, generation_key_id, "watermark.generation_key_id")
+    except KeyFileError as exc:
+        raise LaunchError(str(exc)) from exc
+    env = {"BASTION_WATERMARK__GAMMA": repr(gamma), "BASTION_WATERMARK__DELTA": repr(delta)}
+    if keys_file is not None:
+        env["BASTION_WATERMARK__KEYS_FILE"] = str(keys_file.resolve())
+    if generation_key_id is not None:
+        env["BASTION_WATERMARK__GENERATION_KEY_ID"] = generation_key_id
+    return env
+
+
+@contextlib.contextmanager
+def running_tier(
+    settings: InferenceSettings, console: Console, extra_env: Mapping[str, str] | None = None
+) -> Iterator[ServerProcess]:
+    """vLLM started and healthy for the ``with`` block, stopped (group and all) after it.
+
+    Raises :class:`LaunchError` (with the server's last output lines) if it cannot start
+    or does not become ready in time. vLLM's output is shown line by line, prefixed.
     """
     check_files(settings)
     command = vllm_command(settings)
@@ -131,7 +169,7 @@ def serve_tier(settings: InferenceSettings, console: Console) -> None:
     server = ServerProcess(
         command,
         f"{url}/health",
-        env=vllm_environment(settings),
+        env={**vllm_environment(settings), **(extra_env or {})},
         on_output=lambda line: console.print(
             Text.assemble((OUTPUT_PREFIX, "dim"), line), soft_wrap=True, highlight=False
         ),
@@ -139,41 +177,58 @@ def serve_tier(settings: InferenceSettings, console: Console) -> None:
     if server.healthy():
         raise LaunchError(f"inference.port: something already answers at {url}/health")
     timeout = settings.startup_timeout_s
-    with _interrupt_on_sigterm():
-        try:
-            console.print(f"starting vLLM: {' '.join(command)}", soft_wrap=True, highlight=False)
-            server.start()
-            with console.status(f"waiting for {url}/health") as status:
-                try:
-                    took = server.wait_ready(
-                        timeout,
-                        on_wait=lambda s: status.update(
-                            f"waiting for {url}/health: {s:.0f} s (timeout {timeout:g} s)"
-                        ),
-                    )
-                except ServerExited as exc:
-                    raise LaunchError(
-                        f"vLLM exited with status {exc.returncode} before it was ready", exc.tail
-                    ) from exc
-                except StartupTimeout as exc:
-                    raise LaunchError(f"{exc} (inference.startup_timeout_s)", exc.tail) from exc
-            names = ", ".join(settings.served_models())
-            console.print(
-                f"[bold green]vLLM ready[/] in {took:.1f} s on [bold]{url}/v1[/] serving {names}"
-                " (Ctrl-C stops it)",
-                soft_wrap=True,
-            )
-            returncode = server.wait()
-            raise LaunchError(f"vLLM exited with status {returncode} while serving", server.tail())
-        except KeyboardInterrupt:
+    try:
+        console.print(f"starting vLLM: {' '.join(command)}", soft_wrap=True, highlight=False)
+        server.start()
+        with console.status(f"waiting for {url}/health") as status:
+            try:
+                took = server.wait_ready(
+                    timeout,
+                    on_wait=lambda s: status.update(
+                        f"waiting for {url}/health: {s:.0f} s (timeout {timeout:g} s)"
+                    ),
+                )
+            except ServerExited as exc:
+                raise LaunchError(
+                    f"vLLM exited with status {exc.returncode} before it was ready", exc.tail
+                ) from exc
+            except StartupTimeout as exc:
+                raise LaunchError(f"{exc} (inference.startup_timeout_s)", exc.tail) from exc
+        names = ", ".join(settings.served_models())
+        console.print(
+            f"[bold green]vLLM ready[/] in {took:.1f} s on [bold]{url}/v1[/] serving {names}",
+            soft_wrap=True,
+        )
+        yield server
+    finally:
+        if server.running():
             console.print("stopping vLLM")
-        finally:
-            with _kill_on_signal(server):
-                server.stop(settings.stop_grace_s)
+        with _kill_on_signal(server):
+            server.stop(settings.stop_grace_s)
+
+
+def serve_tier(
+    settings: InferenceSettings, console: Console, extra_env: Mapping[str, str] | None = None
+) -> None:
+    """Start vLLM, wait for ``/health``, run until Ctrl-C or SIGTERM, stop it cleanly.
+
+    Returns after a requested stop; raises :class:`LaunchError` (with the server's last
+    output lines) if it cannot start, does not become ready in time, or exits by itself.
+    """
+    with interrupt_on_sigterm():
+        try:
+            with running_tier(settings, console, extra_env) as server:
+                console.print("Ctrl-C stops it.")
+                returncode = server.wait()
+                raise LaunchError(
+                    f"vLLM exited with status {returncode} while serving", server.tail()
+                )
+        except KeyboardInterrupt:
+            pass  # a requested stop; running_tier has stopped vLLM
 
 
 @contextlib.contextmanager
-def _interrupt_on_sigterm() -> Iterator[None]:
+def interrupt_on_sigterm() -> Iterator[None]:
     """SIGTERM (a service manager's stop) is handled like Ctrl-C."""
 
     def interrupt(signum: int, frame: FrameType | None) -> None:

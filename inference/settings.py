@@ -31,6 +31,7 @@ MANAGED_FLAGS = {
     "--max-num-batched-tokens": "max_num_batched_tokens",
     "--max-model-len": "max_model_len",
     "--enforce-eager": "enforce_eager",
+    "--gpu-memory-utilization": "gpu_memory_utilization",
     "--enable-lora": "lora_adapters",
     "--lora-modules": "lora_adapters",
     "--scheduling-policy": "priority_scheduling",
@@ -77,6 +78,8 @@ class InferenceSettings(_Section):
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
     max_num_batched_tokens: int | None = Field(default=None, ge=1)
     max_model_len: int | None = Field(default=None, ge=1)
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    """Share of GPU memory vLLM may take (vLLM's default 0.92); on CPU builds, of RAM."""
     enforce_eager: bool = False
     """No CUDA graphs / compilation: slower decoding, much faster start (CPU dev setups)."""
     lora_adapters: list[LoraAdapter] = []

@@ -106,6 +106,10 @@ class ServerProcess:
         """The child's exit status, or None while it runs."""
         return self._process().poll()
 
+    def running(self) -> bool:
+        """Started and not yet exited."""
+        return self._proc is not None and self._proc.poll() is None
+
     def tail(self) -> list[str]:
         """The last output lines, oldest first."""
         with self._lock:

@@ -306,6 +306,31 @@ def test_priority_from_the_key_tier(secure: Any) -> None:
     assert "priority" not in upstream.stats()["last_body"]
 
 
+@pytest.mark.parametrize(
+    ("role", "allowed"),
+    [("app", False), ("data_scientist", True), ("model_admin", True), ("admin", True)],
+)
+def test_only_some_roles_may_turn_the_watermark_off(secure: Any, role: str, allowed: bool) -> None:
+    gateway, upstream, keys = secure
+    body = chat_body("m2", vllm_xargs={"bastion_watermark": "off", "other": 1})
+    r = gateway.http.post("/v1/chat/completions", json=body, headers=bearer(keys[role]))
+    if allowed:
+        assert r.status_code == 200, r.text
+        assert upstream.stats()["last_body"]["vllm_xargs"] == body["vllm_xargs"]
+    else:
+        assert_openai_error(r, 403, "permission_error", "permission_denied")
+        assert "vllm_xargs.bastion_watermark" in r.json()["error"]["message"]
+    # Other extension arguments are nobody's privilege; a non-object is a 400.
+    ok = chat_body("m2", vllm_xargs={"other": 1})
+    assert (
+        gateway.http.post("/v1/chat/completions", json=ok, headers=bearer(keys[role])).status_code
+        == 200
+    )
+    bad = chat_body("m2", vllm_xargs=["bastion_watermark"])
+    r = gateway.http.post("/v1/chat/completions", json=bad, headers=bearer(keys[role]))
+    assert_openai_error(r, 400, "invalid_request_error", "invalid_request")
+
+
 def test_metrics_in_prometheus_format(secure: Any) -> None:
     gateway, _, keys = secure
     r = gateway.http.get("/metrics", headers=bearer(keys["auditor"]))

