@@ -87,7 +87,9 @@ async def generate(url: str, prompts: list[str], marked: bool, length: int) -> l
         prompt_ids = answer["choices"][0].get("prompt_token_ids") or answer.get("prompt_token_ids")
         return Sample(int(prompt_ids[-1]), [int(t) for t in choice["token_ids"]], choice["text"])
 
-    async with httpx.AsyncClient(timeout=300) as client:
+    # vLLM's server drops idle keep-alive connections after 5 s: expire ours before that.
+    limits = httpx.Limits(max_connections=CONCURRENCY, keepalive_expiry=1.0)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
         return await asyncio.gather(*(one(client, i, p) for i, p in enumerate(prompts)))
 
 
@@ -117,8 +119,10 @@ def main() -> int:
     if not is_installed(args.venv):
         print(f"{args.venv}: not installed; run: bastion inference install", file=sys.stderr)
         return 2
-    console = Console(stderr=True, quiet=True)
     work = Path(tempfile.mkdtemp(prefix="bastion-wm-table-"))
+    vllm_log = (work / "vllm.log").open("w")
+    console = Console(file=vllm_log, width=200)  # vLLM's output, for when something fails
+    print(f"vLLM's output goes to {work / 'vllm.log'}", file=sys.stderr)
     model_dir = work / "dev-model"
     build_dev_model(model_dir)
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))

@@ -6,6 +6,7 @@ watermarked ones (sampled from a random "model" through the reference biasing) m
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 
@@ -236,3 +237,24 @@ def test_nothing_to_score() -> None:
         assert (found.scored, found.z_score, found.p_value, found.watermarked) == (0, 0, 1, False)
     empty = np.array([], dtype=np.int64)
     assert score_pairs(PARAMS, empty, empty).scored == 0
+
+
+@pytest.mark.parametrize("high", [2**16, 2**18 + 5, 2**32])
+def test_scoring_counts_exactly_the_green_distinct_pairs(high: int) -> None:
+    """The detector's fast paths (word table, sort-based dedup, single-key count) agree
+    with the element-wise reference, for ids inside and beyond the word table."""
+    rng = np.random.default_rng(high)
+    ids = rng.integers(0, high, 300, dtype=np.uint64)
+    ids[100:110] = ids[50:60]  # some repeated bigrams
+    pairs = {(int(a), int(b)) for a, b in itertools.pairwise(ids)}
+    prev = np.array([a for a, _ in pairs], dtype=np.uint64)
+    tokens = np.array([b for _, b in pairs], dtype=np.uint64)
+    keys = {"a": 11, "b": 2**63 + 5, "c": 99}
+    for key in keys.values():
+        params = WatermarkParams(key=key)
+        expected = int(is_green(params, prev, tokens).sum())
+        found = score(params, ids)
+        assert (found.green, found.scored) == (expected, len(pairs))
+    best = detect(keys, WatermarkParams(key=0), ids)
+    greens = {k: int(is_green(WatermarkParams(key=v), prev, tokens).sum()) for k, v in keys.items()}
+    assert best.green == max(greens.values()) and greens[best.key_id] == best.green
