@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
+from compliance.cli import audit_app
 from gateway.config import (
     CONFIG_ENV_VAR,
     ROLES,
@@ -42,6 +43,7 @@ secrets_app = typer.Typer(help="Create the secrets Bastion needs.", no_args_is_h
 app.add_typer(secrets_app, name="secrets")
 inference_app = typer.Typer(help="Run the vLLM inference tier.", no_args_is_help=True)
 app.add_typer(inference_app, name="inference")
+app.add_typer(audit_app, name="audit")
 
 err = Console(stderr=True)
 

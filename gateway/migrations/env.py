@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from alembic import context
 
+from compliance.audit_schema import AuditBase
 from gateway.store import Base
 
 connection = context.config.attributes["connection"]
-context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+context.configure(
+    connection=connection,
+    target_metadata=[Base.metadata, AuditBase.metadata],
+    render_as_batch=True,
+)
 with context.begin_transaction():
     context.run_migrations()

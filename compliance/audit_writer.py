@@ -1,0 +1,303 @@
+"""AuditWriter: a bounded queue in front of a ChainAppender, drained by one thread.
+
+The gateway awaits ``await writer.append(record)`` before it completes a response: the
+call returns once the entry is committed (durable), so nothing a client saw completed
+can be lost. That is made cheap by group commit: while one batch commits, new records
+queue up, and the next transaction takes all of them (up to ``max_batch``), so many
+concurrent requests share one commit and one fsync.
+
+Why a thread rather than an asyncio task: the database drivers are blocking, the writer
+must also serve synchronous callers (CLI, admin jobs, other threads), and one thread per
+process keeps the chain's single-writer rule without locks around the appender. Results
+go back to each event loop in one ``call_soon_threadsafe`` per batch, not per entry.
+
+Backpressure: the queue holds at most ``queue_size`` records. ``append`` waits for room
+(without blocking the loop), ``append_nowait`` raises :class:`AuditQueueFull`, and
+``submit`` blocks its thread up to ``timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import Engine
+
+from compliance.appender import ChainAppender, CheckpointPolicy
+from compliance.keyring import KeyRing
+from compliance.records import AuditRecord, EntryRef, PreparedRecord, prepare
+
+log = logging.getLogger("bastion.audit")
+
+Waiter = asyncio.Future[EntryRef] | concurrent.futures.Future[EntryRef]
+_FAILURE_PAUSE_S = 0.05
+
+
+class AuditQueueFull(Exception):
+    """The writer's queue is full: the database is not keeping up."""
+
+
+class AuditWriterClosed(Exception):
+    """The writer was closed; nothing more is accepted."""
+
+
+class AuditWriteError(Exception):
+    """The batch holding this record could not be committed; see ``__cause__``."""
+
+
+@dataclass(slots=True)
+class WriterStats:
+    entries: int = 0
+    batches: int = 0
+    """Transactions committed with entries: entries / batches is the group-commit factor."""
+    failed_batches: int = 0
+    largest_batch: int = 0
+
+
+class AuditWriter:
+    """Queue + background thread + group commit over one :class:`ChainAppender`.
+
+    ``start()`` (or ``with``/``async with``) starts the thread; ``close()`` writes what is
+    queued, signs a final checkpoint and stops it.
+    """
+
+    def __init__(
+        self, appender: ChainAppender, *, queue_size: int = 10_000, max_batch: int = 1_000
+    ) -> None:
+        if queue_size < 1 or max_batch < 1:
+            raise ValueError("queue_size and max_batch must be at least 1")
+        self.appender = appender
+        self.stats = WriterStats()
+        self._queue_size = queue_size
+        self._max_batch = max_batch
+        self._queue: deque[tuple[PreparedRecord, Waiter]] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._room = threading.Condition(self._lock)
+        self._room_waiters: list[asyncio.Future[None]] = []
+        self._closing = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"audit-writer-{appender.writer_id}", daemon=True
+        )
+
+    @classmethod
+    def open(
+        cls,
+        engine: Engine,
+        master_key: bytes,
+        signing_key: Ed25519PrivateKey,
+        *,
+        writer_id: str | None = None,
+        policy: CheckpointPolicy | None = None,
+        queue_size: int = 10_000,
+        max_batch: int = 1_000,
+    ) -> AuditWriter:
+        """A started writer for this process: its own chain, data keys from ``master_key``."""
+        keyring = KeyRing(engine, master_key)
+        appender = ChainAppender(engine, keyring, signing_key, writer_id, policy=policy)
+        return cls(appender, queue_size=queue_size, max_batch=max_batch).start()
+
+    @property
+    def keyring(self) -> KeyRing:
+        return self.appender.keyring
+
+    @property
+    def writer_id(self) -> str:
+        return self.appender.writer_id
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    # --- producers -------------------------------------------------------------------
+
+    async def append(self, record: AuditRecord) -> EntryRef:
+        """Queue ``record`` (waiting for room) and return once its entry is durable."""
+        prepared = prepare(record)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[EntryRef] = loop.create_future()
+        while not self._put(prepared, done):
+            room: asyncio.Future[None] = loop.create_future()
+            with self._lock:
+                if len(self._queue) < self._queue_size:
+                    continue  # room was made meanwhile
+                self._room_waiters.append(room)
+            await room
+        return await done
+
+    def append_nowait(self, record: AuditRecord) -> asyncio.Future[EntryRef]:
+        """Queue ``record`` or raise AuditQueueFull; the future resolves when durable."""
+        prepared = prepare(record)
+        done: asyncio.Future[EntryRef] = asyncio.get_running_loop().create_future()
+        if not self._put(prepared, done):
+            raise AuditQueueFull(f"audit queue full ({self._queue_size} records)")
+        return done
+
+    def submit(
+        self, record: AuditRecord, *, timeout: float | None = None
+    ) -> concurrent.futures.Future[EntryRef]:
+        """From any thread: queue ``record``, blocking up to ``timeout`` s for room."""
+        prepared = prepare(record)
+        done: concurrent.futures.Future[EntryRef] = concurrent.futures.Future()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while len(self._queue) >= self._queue_size:
+                self._check_open()
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise AuditQueueFull(f"audit queue full ({self._queue_size} records)")
+                self._room.wait(left)
+            self._check_open()
+            self._queue.append((prepared, done))
+            self._wake.notify()
+        return done
+
+    def write(self, record: AuditRecord, *, timeout: float | None = None) -> EntryRef:
+        """Synchronous: queue ``record`` and wait until it is durable."""
+        return self.submit(record, timeout=timeout).result(timeout)
+
+    def _put(self, prepared: PreparedRecord, done: Waiter) -> bool:
+        """Queue it, or return False if the queue is full."""
+        with self._lock:
+            self._check_open()
+            if len(self._queue) >= self._queue_size:
+                return False
+            self._queue.append((prepared, done))
+            self._wake.notify()
+            return True
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise AuditWriterClosed("the audit writer is closed")
+
+    # --- the writer thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closing:
+                    wait = self.appender.seconds_until_checkpoint()
+                    if wait is not None and wait <= 0:
+                        break
+                    self._wake.wait(wait)
+                take = min(len(self._queue), self._max_batch)
+                batch = [self._queue.popleft() for _ in range(take)]
+                finished = self._closing and not self._queue and not batch
+                if batch:
+                    self._room.notify_all()
+                    room, self._room_waiters = self._room_waiters, []
+            if batch:
+                _settle_all([(w, None, None) for w in room])
+                self._write(batch)
+            elif finished:
+                break
+            else:
+                self._checkpoint()
+        try:
+            self.appender.close()
+        except Exception:
+            log.exception("audit writer %s: the final checkpoint failed", self.writer_id)
+
+    def _write(self, batch: list[tuple[PreparedRecord, Waiter]]) -> None:
+        try:
+            refs = self.appender.append_prepared([prepared for prepared, _ in batch])
+        except Exception as exc:
+            self.stats.failed_batches += 1
+            log.error("audit writer %s: a batch of %d failed: %s", self.writer_id, len(batch), exc)
+            error = AuditWriteError(f"the audit entry could not be written: {exc}")
+            error.__cause__ = exc
+            _settle_all([(waiter, None, error) for _, waiter in batch])
+            time.sleep(_FAILURE_PAUSE_S)  # a database that is down is not hammered
+            return
+        self.stats.entries += len(batch)
+        self.stats.batches += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        _settle_all([(waiter, ref, None) for (_, waiter), ref in zip(batch, refs, strict=True)])
+
+    def _checkpoint(self) -> None:
+        try:
+            self.appender.checkpoint_if_due()
+        except Exception as exc:
+            log.error("audit writer %s: checkpoint failed: %s", self.writer_id, exc)
+            time.sleep(_FAILURE_PAUSE_S * 20)
+
+    # --- shutdown --------------------------------------------------------------------
+
+    def close(self, timeout: float | None = None) -> None:
+        """Write everything queued, sign the final checkpoint, stop the thread."""
+        with self._lock:
+            self._closing = True
+            self._wake.notify()
+            self._room.notify_all()
+            room, self._room_waiters = self._room_waiters, []
+        _settle_all([(w, None, AuditWriterClosed("the audit writer is closed")) for w in room])
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return self.start()
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+
+Settlement = tuple[
+    asyncio.Future[EntryRef] | asyncio.Future[None] | concurrent.futures.Future[EntryRef],
+    object,
+    BaseException | None,
+]
+
+
+def _settle_all(settlements: list[Settlement]) -> None:
+    """Resolve futures: thread futures directly, loop futures in one call per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[Settlement]] = {}
+    for item in settlements:
+        future = item[0]
+        if isinstance(future, concurrent.futures.Future):
+            _settle(item)
+        else:
+            by_loop.setdefault(future.get_loop(), []).append(item)
+    for loop, items in by_loop.items():
+        # A closed loop raises RuntimeError: nobody is waiting there any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_settle_each, items)
+
+
+def _settle_each(items: list[Settlement]) -> None:
+    for item in items:
+        _settle(item)
+
+
+def _settle(item: Settlement) -> None:
+    future, result, error = item
+    if future.done():  # cancelled by its waiter
+        return
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+    except (asyncio.InvalidStateError, concurrent.futures.InvalidStateError):
+        pass  # cancelled meanwhile (a thread's future)
