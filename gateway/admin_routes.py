@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.asgi import read_body
+from compliance.records import KEY_CREATED, KEY_REVOKED, AuditRecord
+from gateway.asgi import read_body, request_id_of
+from gateway.audit_trail import AuditTrail
 from gateway.config import Role
 from gateway.errors import InvalidRequest, NotFound
 from gateway.keys import KeyCache, KeyStore, parse_duration
+from gateway.middleware.auth import principal_of
 from gateway.schemas import parse_json_model
 
 
@@ -30,10 +34,33 @@ ADMIN_BODY_LIMIT = 64 * 1024
 
 
 class KeyAdmin:
-    def __init__(self, store: KeyStore, cache: KeyCache, tiers: dict[str, int]) -> None:
+    def __init__(
+        self,
+        store: KeyStore,
+        cache: KeyCache,
+        tiers: dict[str, int],
+        audit: AuditTrail | None = None,
+    ) -> None:
         self._store = store
         self._cache = cache
         self._tiers = tiers
+        self._audit = audit
+
+    async def _record(self, request: Request, kind: str, detail: dict[str, Any]) -> None:
+        """Administrative actions are audited like model calls (the actor's key in clear)."""
+        if self._audit is None:
+            return
+        actor = principal_of(request.scope)
+        await self._audit.record(
+            AuditRecord(
+                kind=kind,
+                request_id=request_id_of(request.scope),
+                key_id=actor.key_id,
+                route=request.url.path,
+                status=200,
+                detail=detail,
+            )
+        )
 
     async def create(self, request: Request) -> Response:
         raw = await read_body(request.scope, request.receive, ADMIN_BODY_LIMIT)
@@ -57,7 +84,12 @@ class KeyAdmin:
         )
         # Usable at once in this process; the others pick it up on their next refresh.
         await self._cache.refresh()
-        return JSONResponse({**info.as_json(), "key": key}, status_code=201)
+        described = info.as_json()
+        # The subject a key acts for is personal data: not in the clear metadata.
+        await self._record(
+            request, KEY_CREATED, {"key": {k: v for k, v in described.items() if k != "subject"}}
+        )
+        return JSONResponse({**described, "key": key}, status_code=201)
 
     async def list(self, request: Request) -> Response:
         include_revoked = request.query_params.get("include_revoked") in {"1", "true"}
@@ -70,4 +102,5 @@ class KeyAdmin:
         if info is None:
             raise NotFound(f"There is no key '{key_id}'.")
         await self._cache.refresh()
+        await self._record(request, KEY_REVOKED, {"key_id": key_id})
         return JSONResponse(info.as_json())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -16,8 +17,9 @@ from starlette.routing import Route, Router, request_response
 from gateway.admin_routes import KeyAdmin
 from gateway.admission import Admission
 from gateway.asgi import ASGIApp, Receive, Scope, Send
+from gateway.audit_trail import AuditTrail
 from gateway.config import Settings, load_settings
-from gateway.credentials import derive_key, load_master_key
+from gateway.credentials import derive_key, load_audit_signing_key, load_master_key
 from gateway.health import HealthChecker
 from gateway.keys import KeyCache, KeyHasher, KeyStore
 from gateway.middleware.auth import (
@@ -41,6 +43,7 @@ from gateway.upstreams import UpstreamPool
 from gateway.watermark_check import WatermarkDetector, WatermarkEndpoint, load_watermark_keys
 
 Handler = Callable[[Request], Awaitable[Response]]
+log = logging.getLogger("bastion.app")
 
 
 class BastionApp:
@@ -58,7 +61,14 @@ class BastionApp:
         )
         self.health = HealthChecker(settings.health_check, self.pool, self.transport)
         self.engine = make_engine(settings.database_url)
-        hasher = KeyHasher(derive_key(load_master_key(settings), "api-key-pepper"))
+        master_key = load_master_key(settings)
+        hasher = KeyHasher(derive_key(master_key, "api-key-pepper"))
+        self.audit: AuditTrail | None = None
+        if settings.audit.enabled:
+            signing_key = load_audit_signing_key(settings)
+            self.audit = AuditTrail(settings.audit, self.engine, master_key, signing_key)
+        else:
+            log.warning("audit.enabled is false: model calls are not recorded")
         self.key_store = KeyStore(self.engine, hasher)
         self.key_cache = KeyCache(self.key_store, hasher, settings.auth.key_refresh_s)
         self.limiter: RateLimiter | None = None
@@ -83,7 +93,7 @@ class BastionApp:
     def _routes(self) -> list[Route]:
         forwarder = Forwarder(self.settings, self.pool, self.transport)
         cap = self.settings.server.max_body_bytes
-        keys = KeyAdmin(self.key_store, self.key_cache, self.settings.priority.tiers)
+        keys = KeyAdmin(self.key_store, self.key_cache, self.settings.priority.tiers, self.audit)
 
         watermark = WatermarkEndpoint(self.watermark, cap)
 
@@ -91,7 +101,15 @@ class BastionApp:
             # The text routes (the streaming ones) are checked for the watermark.
             detector = self.watermark if streams else None
             endpoint = ModelEndpoint(
-                path, schema, forwarder, self.pool, self.admission, cap, streams, detector
+                path,
+                schema,
+                forwarder,
+                self.pool,
+                self.admission,
+                cap,
+                streams,
+                detector,
+                self.audit,
             )
             return Route(path, Guarded(endpoint, "models:call"), methods=["POST"])
 
@@ -125,6 +143,8 @@ class BastionApp:
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: object) -> AsyncIterator[None]:
         await asyncio.to_thread(migrate, self.engine)
+        if self.audit is not None:
+            await self.audit.start()
         await asyncio.to_thread(self.key_cache.load)
         self.key_cache.start()
         if self.settings.health_check.enabled:
@@ -138,6 +158,8 @@ class BastionApp:
             if self.limiter is not None:
                 await self.limiter.aclose()
             await self.transport.aclose()
+            if self.audit is not None:
+                await self.audit.stop()  # what is queued, then a final signed checkpoint
             self.engine.dispose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

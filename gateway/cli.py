@@ -80,11 +80,13 @@ def _configure_logging(level: str) -> None:
 
 def _prepare_store(settings: StoreSettings) -> None:
     """Check the secrets and bring the database schema up to date, once, before workers."""
-    from gateway.credentials import load_master_key
+    from gateway.credentials import load_audit_signing_key, load_master_key
     from gateway.store import make_engine, migrate
 
     try:
         load_master_key(settings)
+        if isinstance(settings, Settings) and settings.audit.enabled:
+            load_audit_signing_key(settings)
     except ConfigError as exc:
         _fail(f"configuration error: {exc}")
     engine = make_engine(settings.database_url)
@@ -423,6 +425,21 @@ def create_master_key(path: Path) -> None:
     except FileExistsError:
         _fail(f"{path} exists; not overwriting a master key")
     err.print(f"master key written to {path}; set BASTION_MASTER_KEY_FILE={path.resolve()}")
+
+
+@secrets_app.command("create-signing-key")
+def create_signing_key(path: Path) -> None:
+    """Write a new Ed25519 private key (PEM, mode 0600) for audit checkpoints to PATH."""
+    from compliance.signing import create_signing_key_file, fingerprint
+
+    try:
+        key = create_signing_key_file(path)
+    except FileExistsError:
+        _fail(f"{path} exists; not overwriting a signing key")
+    err.print(
+        f"signing key {fingerprint(key.public_key())} written to {path}; "
+        f"set BASTION_SIGNING_KEY_FILE={path.resolve()}"
+    )
 
 
 @inference_app.command("serve")

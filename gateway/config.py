@@ -242,6 +242,23 @@ class WatermarkSettings(Section):
         return tokenizers
 
 
+class AuditSettings(Section):
+    """The tamper-evident audit log (compliance/; docs/audit.md)."""
+
+    enabled: bool = True
+    """One entry per model call and per administrative action (off: logged as a warning)."""
+    payloads: bool = True
+    """Keep each call's request and answer, encrypted under its subject's data key."""
+    checkpoint_every_entries: int = Field(default=1000, ge=1)
+    """Sign the chain head after this many entries..."""
+    checkpoint_every_s: float = Field(default=10.0, gt=0)
+    """... or once the oldest unsigned entry is this old."""
+    queue_size: int = Field(default=10_000, ge=1)
+    """Entries waiting for their commit; a full queue makes new calls wait (backpressure)."""
+    retention_days: int = Field(default=90, ge=1)
+    """``bastion audit retention`` removes older entries (the EU AI Act asks for >= 180)."""
+
+
 class StoreSettings(BaseSettings):
     """What the stores and secrets need: enough for ``bastion keys`` without upstreams."""
 
@@ -262,6 +279,7 @@ class StoreSettings(BaseSettings):
     """32 random bytes, base64; from BASTION_MASTER_KEY only (never the YAML)."""
     master_key_file: Path | None = None
     signing_key_file: Path | None = None
+    """Ed25519 private key, PEM: audit checkpoints, exports, receipts (BASTION_SIGNING_KEY_FILE)."""
 
     @classmethod
     def settings_customise_sources(
@@ -306,11 +324,13 @@ class Settings(StoreSettings):
     watermark: WatermarkSettings = WatermarkSettings()
     inference: InferenceSettings = InferenceSettings()
     """The vLLM tier that ``bastion inference serve`` starts (inference/settings.py)."""
+    audit: AuditSettings = AuditSettings()
 
     @model_validator(mode="after")
     def _check_references(self) -> Self:
         if not self.auth.enabled and not self.dev:
             raise ValueError("auth.enabled: authentication can be off only in a dev setup")
+
         names = [u.name for u in self.upstreams]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from gateway.config import ConfigError, StoreSettings
@@ -77,3 +78,29 @@ def derive_key(master_key: bytes, purpose: str) -> bytes:
         salt=None,
         info=f"bastion/{purpose}/v1".encode(),
     ).derive(master_key)
+
+
+def load_audit_signing_key(settings: StoreSettings) -> Ed25519PrivateKey:
+    """The Ed25519 key that signs audit checkpoints, or a ConfigError saying how to get one.
+
+    A dev setup without one gets ``.bastion/signing.key``, created on first use.
+    """
+    from compliance.signing import SigningKeyError, load_or_create_signing_key, load_signing_key
+
+    path = settings.signing_key_file
+    try:
+        if path is not None:
+            return load_signing_key(path)
+        if settings.dev:
+            path = DEV_SECRETS_DIR / "signing.key"
+            existed = path.exists()
+            key = load_or_create_signing_key(path)
+            if not existed:
+                log.warning("dev setup: created an audit signing key in %s", path)
+            return key
+    except SigningKeyError as exc:
+        raise ConfigError(f"signing_key_file: {exc}") from exc
+    raise ConfigError(
+        "signing_key_file: no audit signing key; set BASTION_SIGNING_KEY_FILE (an Ed25519 "
+        "private key, PEM: bastion secrets create-signing-key FILE)"
+    )

@@ -14,9 +14,10 @@ import orjson
 
 from gateway.admission import Admission
 from gateway.asgi import Receive, Scope, Send, read_body, request_id_of
+from gateway.audit_trail import AuditTrail, CallRecord
 from gateway.errors import Forbidden, GatewayError, InvalidRequest
 from gateway.middleware.auth import principal_of
-from gateway.proxy import Forwarder, ProxyRequest
+from gateway.proxy import Forwarder, Outcome, ProxyRequest
 from gateway.rbac import Principal
 from gateway.schemas import _Body, parse_body
 from gateway.upstreams import UpstreamPool
@@ -52,6 +53,7 @@ class ModelEndpoint:
         max_body_bytes: int,
         streams: bool,
         watermark: WatermarkDetector | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         self._path = path
         self._schema = schema
@@ -61,14 +63,51 @@ class ModelEndpoint:
         self._max_body_bytes = max_body_bytes
         self._streams = streams
         self._watermark = watermark
+        self._audit = audit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw = await read_body(scope, receive, self._max_body_bytes)
         body = parse_body(raw, self._schema)
         principal = principal_of(scope)
+        if self._audit is None:
+            await self._forward(scope, receive, send, raw, body, principal, None)
+            return
+        call = self._audit.call(principal, self._path, request_id_of(scope), body)
+        try:
+            outcome = await self._forward(scope, receive, send, raw, body, principal, call)
+        except GatewayError as exc:
+            if not call.recorded:
+                await call.refused(exc)  # durable before the error goes out
+            raise
+        if not call.recorded:
+            # Cut short: the client left or the upstream failed after the first byte.
+            cut = "client_gone" if outcome.client_gone else "upstream_failed"
+            usage = outcome.usage
+            await call.complete(
+                outcome.status or 499,
+                prompt_tokens=usage.prompt_tokens if usage else None,
+                completion_tokens=usage.completion_tokens if usage else None,
+                watermark=None,
+                cut=cut,
+            )
+
+    async def _forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        raw: bytes,
+        body: dict[str, Any],
+        principal: Principal,
+        call: CallRecord | None,
+    ) -> Outcome:
         _check_watermark_opt_out(body, principal)
         requested = body["model"]
+        if call is not None:
+            call.model = requested
         model = self._pool.resolve_model(requested)
+        if call is not None:
+            call.model = model
         admitted = await self._admission.admit(principal, requested, body)
         stream = self._streams and body.get("stream") is True
 
@@ -95,6 +134,7 @@ class ModelEndpoint:
             response_headers=admitted.response_headers,
             hide_usage_chunk=hide_usage_chunk,
             watermark=self._watermark.for_model(model) if self._watermark is not None else None,
+            audit=call,
         )
         try:
             outcome = await self._forwarder.respond(request, send, receive)
@@ -103,3 +143,4 @@ class ModelEndpoint:
             await self._admission.settle(principal, admitted, NO_USAGE)
             raise
         await self._admission.settle(principal, admitted, outcome.usage)
+        return outcome

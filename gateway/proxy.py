@@ -32,6 +32,7 @@ from gateway.upstreams import Upstream, UpstreamPool
 from gateway.usage import Usage, usage_of_body, usage_of_event
 
 if TYPE_CHECKING:
+    from gateway.audit_trail import CallRecord
     from gateway.watermark_check import AnswerCheck
 
 log = logging.getLogger("bastion.proxy")
@@ -59,6 +60,8 @@ class ProxyRequest:
     """The gateway asked for usage in a stream the client did not: drop that chunk."""
     watermark: AnswerCheck | None = None
     """Score the answer for the watermark (None: watermarks off, or no tokenizer)."""
+    audit: CallRecord | None = None
+    """Completed (durably) before the answer's last byte goes out (None: audit off)."""
 
 
 @dataclass(slots=True)
@@ -172,8 +175,20 @@ class Forwarder:
             (b"content-length", str(len(body)).encode()),
             *self.response_headers(request, upstream),
         ]
+        verdict = None
         if request.watermark is not None and response.status == 200:
-            headers += await request.watermark.headers_for_body(body)
+            found = await request.watermark.headers_for_body(body)
+            headers += found
+            verdict = found[0][1] if found else None
+        if request.audit is not None:
+            usage = outcome.usage
+            await request.audit.complete(
+                response.status,
+                prompt_tokens=usage.prompt_tokens if usage else None,
+                completion_tokens=usage.completion_tokens if usage else None,
+                watermark=verdict,
+                answer=body,
+            )
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         outcome.completed = True
@@ -185,6 +200,14 @@ class Forwarder:
             # An upstream refusal of a stream request (400, 404...) comes as plain JSON.
             body = await response.read()
             upstream.breaker.record_success()
+            if request.audit is not None:
+                await request.audit.complete(
+                    response.status,
+                    prompt_tokens=None,
+                    completion_tokens=None,
+                    watermark=None,
+                    answer=body,
+                )
             await send_json(send, response.status, body, self.response_headers(request, upstream))
             outcome.completed = True
             return
@@ -223,6 +246,7 @@ async def _pump_stream(
     framer = SSEFramer()
     # Watermark verdict: a comment event inserted before "data: [DONE]" (or at the end).
     watermark = request.watermark.stream() if request.watermark is not None else None
+    audit = request.audit
     try:
         async for chunk in response.iter_chunks():
             events = framer.feed(chunk)
@@ -231,10 +255,22 @@ async def _pump_stream(
             if watermark is not None:
                 events = await watermark.feed(events)
             if events:
+                if audit is not None:
+                    audit.note_delivered(events)
                 await send({"type": "http.response.body", "body": events, "more_body": True})
         tail = framer.finish()
         if watermark is not None:
             tail = await watermark.feed(tail) + await watermark.close()
+        if audit is not None:
+            # The stream's end goes out only once its entry is durable.
+            audit.note_delivered(tail)
+            usage = outcome.usage
+            await audit.complete(
+                200,
+                prompt_tokens=usage.prompt_tokens if usage else None,
+                completion_tokens=usage.completion_tokens if usage else None,
+                watermark=watermark.verdict if watermark is not None else None,
+            )
         await send({"type": "http.response.body", "body": tail, "more_body": False})
         outcome.completed = True
     except GatewayError as exc:

@@ -243,12 +243,14 @@ class AnswerCheck:
 class StreamCheck:
     """Collects a stream's text; its verdict goes out as an SSE comment before [DONE]."""
 
-    __slots__ = ("_answer", "_sent", "_texts")
+    __slots__ = ("_answer", "_sent", "_texts", "verdict")
 
     def __init__(self, answer: AnswerCheck) -> None:
         self._answer = answer
         self._texts: dict[tuple[int, str], list[str]] = {}
         self._sent = False
+        self.verdict: bytes | None = None
+        """The header value once the stream ended (None: not scored)."""
 
     async def feed(self, events: bytes) -> bytes:
         """Note the text in ``events`` (whole SSE events); insert the verdict before [DONE]."""
@@ -280,6 +282,7 @@ class StreamCheck:
             return b""
         self._sent = True
         verdict = await self._answer.verdict(["".join(p) for p in self._texts.values()])
+        self.verdict = verdict
         return b"" if verdict is None else b": " + HEADER + b": " + verdict + b"\n\n"
 
 

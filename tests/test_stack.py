@@ -21,7 +21,9 @@ from typing import Any
 import pytest
 import yaml
 
+from compliance.signing import create_signing_key_file
 from gateway.config import load_settings
+from gateway.credentials import load_audit_signing_key, load_master_key
 from inference.launch import WATERMARK_PROCESSOR
 from tests.support import REPO_ROOT
 from tests.watermarking import build_tokenizer
@@ -133,6 +135,7 @@ def test_gateway_service_configuration_loads(
     secrets.mkdir()
     (secrets / "master_key").write_text("QUFB" * 10 + "QUE=\n")
     (secrets / "watermark_keys").write_text("k1: " + "QUFB" * 11 + "\n")
+    create_signing_key_file(secrets / "signing_key")
     for key in list(os.environ):
         if key.startswith("BASTION_"):
             monkeypatch.delenv(key)
@@ -147,5 +150,6 @@ def test_gateway_service_configuration_loads(
     assert settings.watermark.enabled and settings.watermark.tokenizers == {"qwen-7b": model_dir}
     assert settings.database_url.startswith("postgresql://bastion:pw@postgres:5432/")
     assert settings.redis_url == "redis://redis:6379/0"
+    assert load_master_key(settings) and load_audit_signing_key(settings)  # secrets wired
     assert gateway["command"] == ["serve", "--config", "/etc/bastion/bastion.yaml"]
     assert [p["target"] for p in gateway["ports"]] == [settings.server.port]

@@ -34,9 +34,19 @@ MASTER_KEY = base64.b64encode(b"k" * 32).decode()
 ROLES = list(ROLE_PERMISSIONS)
 
 
+def signing_key_beside(database: Path) -> Path:
+    """An audit signing key file next to the database (made once per directory)."""
+    from compliance.signing import load_or_create_signing_key
+
+    path = database.parent / "signing.key"
+    load_or_create_signing_key(path)
+    return path
+
+
 def secure_settings(database: Path, **extra: Any) -> dict[str, Any]:
     settings: dict[str, Any] = {
         "dev": False,
+        "signing_key_file": str(signing_key_beside(database)),
         "auth": {"enabled": True, "key_refresh_s": 0.2, "role_models": {"data_scientist": ["m2"]}},
         "rate_limits": {"enabled": True, "requests_per_second": 1000, "tokens_per_minute": 10**8},
         "database_url": f"sqlite:///{database}",
@@ -125,6 +135,7 @@ def secure_app() -> Any:
         upstreams=[{"name": "a", "url": "http://127.0.0.1:9", "models": ["m1"]}],
         master_key=MASTER_KEY,
         database_url="sqlite://",
+        audit={"enabled": False},
     )
     return BastionApp(settings)
 

@@ -50,6 +50,7 @@ from gateway.tls import (
     uvicorn_options,
 )
 from gateway.transport import AiohttpTransport
+from tests.gateway.test_access import signing_key_beside
 from tests.support import ManagedProcess, bastion_command, chat_body, free_port, wait_until
 from tests.upstream_server import expected_text, make_app
 
@@ -783,6 +784,7 @@ def test_client_certificate_acts_as_a_principal(pki: PKI, tmp_path: Path) -> Non
             tmp_path,
             {
                 "dev": False,
+                "signing_key_file": str(signing_key_beside(tmp_path / "bastion.db")),
                 "auth": {
                     "enabled": True,
                     "client_certificates": [
