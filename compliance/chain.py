@@ -21,7 +21,8 @@ stored column of the entry: the stored bytes, not a re-serialisation of them.
 A checkpoint signs (Ed25519) ``JCS(["bastion.audit.checkpoint.v1", kind, w, seq,
 hex(hash of entry seq), time_us])``. Kinds: ``periodic`` (every N entries or T seconds),
 ``final`` (the writer closed), ``retention`` (entries up to seq were deleted by the
-retention job, and the chain legitimately restarts after it).
+retention job, and the chain legitimately restarts after it), ``export`` (an export
+signed a head that no checkpoint covered yet, after verifying the chain up to it).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ CHECKPOINT_TAG = "bastion.audit.checkpoint.v1"
 PERIODIC = "periodic"
 FINAL = "final"
 RETENTION = "retention"
-CHECKPOINT_KINDS = (PERIODIC, FINAL, RETENTION)
+EXPORT = "export"
+CHECKPOINT_KINDS = (PERIODIC, FINAL, RETENTION, EXPORT)
 
 WRITER_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _dumps = orjson.dumps

@@ -18,6 +18,7 @@ from gateway.admin_routes import KeyAdmin
 from gateway.admission import Admission
 from gateway.asgi import ASGIApp, Receive, Scope, Send
 from gateway.audit_trail import AuditTrail
+from gateway.compliance_routes import ComplianceRoutes
 from gateway.config import Settings, load_settings
 from gateway.credentials import derive_key, load_audit_signing_key, load_master_key
 from gateway.health import HealthChecker
@@ -32,9 +33,11 @@ from gateway.middleware.errors import ErrorMiddleware
 from gateway.middleware.hsts import HSTSMiddleware
 from gateway.middleware.request_id import RequestIdMiddleware
 from gateway.model_routes import ModelEndpoint
+from gateway.privacy_routes import PrivacyRoutes, RestrictionCache, SubjectGuarded
 from gateway.proxy import Forwarder
 from gateway.ratelimit import RateLimiter, build_rate_limiter
 from gateway.rbac import ModelPolicy
+from gateway.report_routes import ComplianceReports
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gateway.store import make_engine, migrate
 from gateway.tls import upstream_ssl_contexts
@@ -64,6 +67,7 @@ class BastionApp:
         master_key = load_master_key(settings)
         hasher = KeyHasher(derive_key(master_key, "api-key-pepper"))
         self.audit: AuditTrail | None = None
+        signing_key = None
         if settings.audit.enabled:
             signing_key = load_audit_signing_key(settings)
             self.audit = AuditTrail(settings.audit, self.engine, master_key, signing_key)
@@ -71,6 +75,20 @@ class BastionApp:
             log.warning("audit.enabled is false: model calls are not recorded")
         self.key_store = KeyStore(self.engine, hasher)
         self.key_cache = KeyCache(self.key_store, hasher, settings.auth.key_refresh_s)
+        self.restrictions = RestrictionCache(self.engine, settings.auth.key_refresh_s)
+        self.compliance = ComplianceRoutes(
+            settings, self.engine, master_key, signing_key, self.audit
+        )
+        self.privacy = PrivacyRoutes(
+            settings,
+            self.engine,
+            master_key,
+            derive_key(master_key, "privacy-tombstone"),
+            signing_key,
+            self.audit,
+            self.key_cache,
+            self.restrictions,
+        )
         self.limiter: RateLimiter | None = None
         if settings.rate_limits.enabled:
             self.limiter = build_rate_limiter(settings.rate_limits, settings.redis_url)
@@ -110,11 +128,21 @@ class BastionApp:
                 streams,
                 detector,
                 self.audit,
+                self.restrictions.check,
             )
             return Route(path, Guarded(endpoint, "models:call"), methods=["POST"])
 
         def route(path: str, handler: Handler, method: str, permission: str) -> Route:
             return Route(path, Guarded(request_response(handler), permission), methods=[method])
+
+        def subject_route(path: str, handler: Handler, method: str) -> Route:
+            # privacy:manage, or privacy:self for the subject named in the path.
+            guarded = SubjectGuarded(request_response(handler), "privacy:manage")
+            return Route(path, guarded, methods=[method])
+
+        privacy, subject = self.privacy, "/privacy/subjects/{subject_id}"
+        audit = self.compliance
+        reports = ComplianceReports(self.settings, self.engine, self.audit)
 
         return [
             model_route("/v1/chat/completions", ChatCompletionRequest, streams=True),
@@ -129,6 +157,26 @@ class BastionApp:
             route("/admin/keys", keys.create, "POST", "keys:manage"),
             route("/admin/keys", keys.list, "GET", "keys:manage"),
             route("/admin/keys/{key_id}", keys.revoke, "DELETE", "keys:manage"),
+            route("/compliance/audit", audit.query, "GET", "audit:read"),
+            route("/compliance/audit/verify", audit.verify, "GET", "audit:read"),
+            route("/compliance/processing-record", audit.processing_record, "GET", "audit:read"),
+            route("/compliance/exports", reports.export, "POST", "audit:read"),
+            route("/compliance/reports/ai-act", reports.ai_act, "GET", "audit:read"),
+            subject_route(subject, privacy.access, "GET"),
+            subject_route(subject, privacy.rectify, "PATCH"),
+            subject_route(subject, privacy.erase, "DELETE"),
+            subject_route(f"{subject}/restrict", privacy.restrict, "POST"),
+            subject_route(f"{subject}/restrict", privacy.lift_restriction, "DELETE"),
+            subject_route(f"{subject}/do-not-sell", privacy.do_not_sell, "PUT"),
+            route(f"{subject}/legal-hold", privacy.set_legal_hold, "PUT", "privacy:manage"),
+            route(f"{subject}/legal-hold", privacy.clear_legal_hold, "DELETE", "privacy:manage"),
+            route("/privacy/requests", privacy.list_requests, "GET", "privacy:manage"),
+            route(
+                "/privacy/requests/{request_id}/extend",
+                privacy.extend_request,
+                "POST",
+                "privacy:manage",
+            ),
         ]
 
     def route_permissions(self) -> list[tuple[str, str, str]]:
@@ -147,6 +195,7 @@ class BastionApp:
             await self.audit.start()
         await asyncio.to_thread(self.key_cache.load)
         self.key_cache.start()
+        await self.restrictions.start()
         if self.settings.health_check.enabled:
             await self.health.probe_all()
             self.health.start()
@@ -155,6 +204,7 @@ class BastionApp:
         finally:
             await self.health.stop()
             await self.key_cache.stop()
+            await self.restrictions.stop()
             if self.limiter is not None:
                 await self.limiter.aclose()
             await self.transport.aclose()

@@ -19,6 +19,7 @@ from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
 from compliance.cli import audit_app
+from compliance.export_cli import compliance_app
 from gateway.config import (
     CONFIG_ENV_VAR,
     ROLES,
@@ -44,6 +45,7 @@ app.add_typer(secrets_app, name="secrets")
 inference_app = typer.Typer(help="Run the vLLM inference tier.", no_args_is_help=True)
 app.add_typer(inference_app, name="inference")
 app.add_typer(audit_app, name="audit")
+app.add_typer(compliance_app, name="compliance")
 
 err = Console(stderr=True)
 

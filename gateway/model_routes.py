@@ -8,6 +8,7 @@ admit the caller (allow-lists 403, rate limits 429), shape the body sent upstrea
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -54,6 +55,7 @@ class ModelEndpoint:
         streams: bool,
         watermark: WatermarkDetector | None = None,
         audit: AuditTrail | None = None,
+        restriction: Callable[[Principal], None] | None = None,
     ) -> None:
         self._path = path
         self._schema = schema
@@ -64,6 +66,8 @@ class ModelEndpoint:
         self._streams = streams
         self._watermark = watermark
         self._audit = audit
+        self._restriction = restriction
+        """Raises for a subject whose processing is restricted (GDPR Art. 18)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw = await read_body(scope, receive, self._max_body_bytes)
@@ -101,6 +105,8 @@ class ModelEndpoint:
         principal: Principal,
         call: CallRecord | None,
     ) -> Outcome:
+        if self._restriction is not None:
+            self._restriction(principal)
         _check_watermark_opt_out(body, principal)
         requested = body["model"]
         if call is not None:

@@ -124,7 +124,39 @@ ROUTES: list[tuple[str, str, dict[str, Any] | None, str]] = [
     ("DELETE", "/admin/keys/0000000000000000", None, "keys:manage"),
     ("GET", "/healthz", None, "public"),
     ("GET", "/readyz", None, "public"),
+    ("GET", "/compliance/audit", None, "audit:read"),
+    ("GET", "/compliance/audit/verify", None, "audit:read"),
+    ("GET", "/compliance/processing-record", None, "audit:read"),
+    (
+        "POST",
+        "/compliance/exports",
+        {"since": "2020-01-01T00:00:00Z", "until": "2020-01-02T00:00:00Z"},
+        "audit:read",
+    ),
+    ("GET", "/compliance/reports/ai-act", None, "audit:read"),
+    ("GET", "/privacy/subjects/matrix-subject", None, "privacy:manage"),
+    ("PATCH", "/privacy/subjects/matrix-subject", {"display_name": "M"}, "privacy:manage"),
+    ("POST", "/privacy/subjects/matrix-subject/restrict", {}, "privacy:manage"),
+    ("DELETE", "/privacy/subjects/matrix-subject/restrict", None, "privacy:manage"),
+    ("PUT", "/privacy/subjects/matrix-subject/do-not-sell", {}, "privacy:manage"),
+    ("PUT", "/privacy/subjects/matrix-subject/legal-hold", {"reason": "r"}, "privacy:manage"),
+    ("DELETE", "/privacy/subjects/matrix-subject/legal-hold", None, "privacy:manage"),
+    ("DELETE", "/privacy/subjects/matrix-subject", None, "privacy:manage"),
+    ("GET", "/privacy/requests", None, "privacy:manage"),
+    ("POST", "/privacy/requests/ffffffffffffffff/extend", {"reason": "r"}, "privacy:manage"),
 ]
+# Concrete path parts in ROUTES and the route templates they stand for.
+PLACEHOLDERS = {
+    "0000000000000000": "{key_id}",
+    "matrix-subject": "{subject_id}",
+    "ffffffffffffffff": "{request_id}",
+}
+
+
+def template(path: str) -> str:
+    for concrete, placeholder in PLACEHOLDERS.items():
+        path = path.replace(concrete, placeholder)
+    return path
 
 
 def secure_app() -> Any:
@@ -142,7 +174,7 @@ def secure_app() -> Any:
 
 def test_every_route_is_in_the_matrix() -> None:
     served = set(secure_app().route_permissions())
-    tested = {(m, p.replace("0000000000000000", "{key_id}"), perm) for m, p, _, perm in ROUTES}
+    tested = {(m, template(p), perm) for m, p, _, perm in ROUTES}
     assert served == tested
 
 
