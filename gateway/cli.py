@@ -20,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from compliance.cli import audit_app
 from compliance.export_cli import compliance_app
+from compliance.records import KEY_CREATED, KEY_REVOKED
 from gateway.config import (
     CONFIG_ENV_VAR,
     ROLES,
@@ -337,6 +338,34 @@ def _key_store(config: Path | None) -> Any:
     return KeyStore(make_engine(settings.database_url), KeyHasher(pepper))
 
 
+def _audit_action(config: Path | None, kind: str, detail: dict[str, Any]) -> None:
+    """Record an administrative action taken from the CLI in the audit log.
+
+    A short chain of its own (one entry and a signed final checkpoint). Without a
+    signing key (a store-only set-up) the action is done but not recorded: say so.
+    """
+    from compliance.appender import ChainAppender
+    from compliance.keyring import KeyRing
+    from compliance.records import AuditRecord
+    from gateway.credentials import load_audit_signing_key, load_master_key
+    from gateway.store import make_engine
+
+    settings = load_store_settings(config)
+    try:
+        signing_key = load_audit_signing_key(settings)
+        master_key = load_master_key(settings)
+    except ConfigError as exc:
+        err.print(f"[yellow]not recorded in the audit log[/]: {exc}", soft_wrap=True)
+        return
+    engine = make_engine(settings.database_url)
+    try:
+        appender = ChainAppender(engine, KeyRing(engine, master_key), signing_key)
+        appender.append(AuditRecord(kind=kind, key_id=None, route="cli", status=0, detail=detail))
+        appender.close()
+    finally:
+        engine.dispose()
+
+
 @keys_app.command("create")
 def keys_create(
     role: Annotated[
@@ -376,6 +405,8 @@ def keys_create(
         expires_in=lifetime,
         description=description,
     )
+    described = {k: v for k, v in info.as_json().items() if k != "subject"}
+    _audit_action(config, KEY_CREATED, {"key": described, "via": "cli"})
     if as_json:
         typer.echo(json.dumps({**info.as_json(), "key": key}))
         return
@@ -414,6 +445,7 @@ def keys_revoke(key_id: str, config: ConfigOption = None) -> None:
     info = _key_store(config).revoke(key_id)
     if info is None:
         _fail(f"there is no key {key_id!r}")
+    _audit_action(config, KEY_REVOKED, {"key_id": key_id, "via": "cli"})
     typer.echo(f"revoked {key_id}")
 
 

@@ -288,6 +288,26 @@ def test_key_lifecycle_with_the_openai_client(secure: Any) -> None:
         with pytest.raises(openai.AuthenticationError):
             client.chat.completions.create(model="m1", messages=[{"role": "user", "content": "x"}])
     assert cli(gateway, "keys", "revoke", "ffffffffffffffff").returncode == 2
+    # Both CLI actions are in the audit log, without the subject in clear.
+    from compliance.keyring import KeyRing
+    from compliance.reader import AuditReader
+    from gateway.store import make_engine
+
+    engine = make_engine(gateway.config["database_url"])
+    try:
+        reader = AuditReader(engine, KeyRing(engine, base64.b64decode(MASTER_KEY)))
+        created_entries = [
+            e for e in reader.entries(kinds=["key.created"]) if created["id"] in (e.detail or "")
+        ]
+        revoked_entries = [
+            e for e in reader.entries(kinds=["key.revoked"]) if created["id"] in (e.detail or "")
+        ]
+    finally:
+        engine.dispose()
+    assert len(created_entries) == 1 and len(revoked_entries) == 1
+    assert "alice" not in (created_entries[0].detail or "")
+    verified = cli(gateway, "audit", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 def test_expired_key_is_401(secure: Any) -> None:
