@@ -17,9 +17,9 @@ check, in-memory rate limits) and with the whole access chain (TLS, key check, m
 allow-lists, rate limits in Redis); the difference to the bare one is the access chain's cost.
 
 Needs: nginx and wrk on PATH (apt-get install nginx wrk), taskset (util-linux), for the
-LiteLLM target bench/.venv-litellm (bash bench/setup_litellm.sh), for bastion-secure a Redis
-server (--redis-url) and trustme (a dev dependency of the project). Otherwise only the
-standard library is used here.
+LiteLLM target bench/.venv-litellm (bash bench/setup_litellm.sh), for bastion-secure
+redis-server on PATH (or a running Redis at --redis-url) and trustme (a dev dependency of the
+project). Otherwise only the standard library is used here.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ TARGET_CHAIN_RPS_COST = 0.20  # access chain vs bastion-bare: 1 - rps ratio at c
 # Where Bastion's Redis rate limiter keeps a key's buckets (gateway/ratelimit.py); the
 # benchmark looks there once to be sure the limiter really went to Redis.
 REDIS_BUCKET_PREFIX = "bastion:rl:"
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+PRIVATE_REDIS = "private"
 
 ANSWER = (
     "Bastion is a gateway that sits between clients and self-hosted language models."
@@ -422,6 +422,7 @@ class Ctx:
     sse_port: int
     gateway_cpu: int | None
     load_cpu: int | None
+    redis_url: str | None = None  # the private Redis, once started
 
 
 def user_directive() -> str:
@@ -722,6 +723,35 @@ def bastion_notes(resolved: dict[str, Any]) -> list[str]:
     return notes
 
 
+def private_redis(ctx: Ctx) -> str:
+    """A Redis server of this run's own, on the load core like the static upstream (an
+    unpinned one would share the gateway's core at random); started once, kept for the
+    rounds, stopped with everything else."""
+    if ctx.redis_url is None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise SkipTarget(
+                "no redis-server on PATH (apt-get install redis-server), or name a running"
+                " one with --redis-url redis://HOST:PORT/0"
+            )
+        port = free_port()
+        cmd = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly"]
+        ctx.processes.start("redis", [*cmd, "no"], ctx.load_cpu)
+        url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis_command(url, "PING")
+                break
+            except (OSError, RuntimeError, ValueError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        ctx.redis_url = url
+        print(f"  private redis-server on :{port}, pinned with the load", flush=True)
+    return ctx.redis_url
+
+
 def start_bastion(ctx: Ctx, name: str) -> Target:
     """One Bastion variant (VARIANT_WHAT), configured as a deployment would be.
 
@@ -738,6 +768,8 @@ def start_bastion(ctx: Ctx, name: str) -> Target:
         raise SkipTarget(why)
     redis_url = ctx.args.redis_url
     if name == "bastion-secure":
+        if redis_url == PRIVATE_REDIS:
+            redis_url = private_redis(ctx)
         try:
             redis_command(redis_url, "PING")
         except (OSError, RuntimeError, ValueError) as exc:
@@ -1405,8 +1437,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--redis-url",
-        default=DEFAULT_REDIS_URL,
-        help="Redis for bastion-secure's rate limits (must be running)",
+        default=PRIVATE_REDIS,
+        help="Redis for bastion-secure's rate limits: 'private' (default) starts a"
+        " redis-server of the run's own, pinned to the load core; or a running one's URL",
     )
     p.add_argument("--keep-tmp", action="store_true", help="keep configs and logs of the run")
     args = p.parse_args(argv)

@@ -115,8 +115,11 @@ def _run_server(settings: Settings, config: Path | None, log_level: str, access_
         except ConfigError as exc:
             _fail(f"configuration error: {exc}")
 
+    from gateway.tls import LISTENER_PROTOCOL, TLSConfigError, uvicorn_options
+
     server = settings.server
     tls = server.tls
+    http_parser = "httptools" if importlib.util.find_spec("httptools") else "h11"
     options: dict[str, Any] = {
         "host": server.host,
         "port": server.port,
@@ -126,13 +129,12 @@ def _run_server(settings: Settings, config: Path | None, log_level: str, access_
         "server_header": False,
         "timeout_graceful_shutdown": 10,
         "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
+        # httptools through gateway.listener (writes coalesced per loop turn), else h11.
+        "http": LISTENER_PROTOCOL if http_parser == "httptools" else "h11",
     }
     if tls is not None:
-        from gateway.tls import TLSConfigError, uvicorn_options
-
         try:
-            options.update(uvicorn_options(tls, options["http"]))
+            options.update(uvicorn_options(tls, http_parser))
         except TLSConfigError as exc:
             _fail(f"configuration error: {exc}")
     if server.workers > 1:

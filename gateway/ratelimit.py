@@ -94,10 +94,10 @@ class RateDecision:
         headers = [
             (b"x-ratelimit-limit-requests", b"%d" % self.limit_requests),
             (b"x-ratelimit-remaining-requests", b"%d" % self.remaining_requests),
-            (b"x-ratelimit-reset-requests", format_reset(self.reset_requests_s).encode()),
+            (b"x-ratelimit-reset-requests", _reset_bytes(self.reset_requests_s)),
             (b"x-ratelimit-limit-tokens", b"%d" % self.limit_tokens),
             (b"x-ratelimit-remaining-tokens", b"%d" % self.remaining_tokens),
-            (b"x-ratelimit-reset-tokens", format_reset(self.reset_tokens_s).encode()),
+            (b"x-ratelimit-reset-tokens", _reset_bytes(self.reset_tokens_s)),
         ]
         if not self.allowed:
             wait_ms = max(1, _ceil_ms(self.retry_after_s))
@@ -109,6 +109,14 @@ class RateDecision:
 def _ceil_ms(seconds: float) -> int:
     # Rounded to the microsecond first: 0.07 * 1000 is 70.00000000000001, not 71 ms.
     return max(0, math.ceil(round(seconds * 1000, 3)))
+
+
+def _reset_bytes(seconds: float) -> bytes:
+    # The common case on the request path, a bucket refilled within a second, without
+    # format_reset's general formatting.
+    if 0.0 < seconds < 0.999:
+        return b"%dms" % math.ceil(round(seconds * 1000, 3))
+    return format_reset(seconds).encode()
 
 
 def format_reset(seconds: float) -> str:

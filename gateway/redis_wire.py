@@ -56,6 +56,32 @@ class _RespProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.lost = False
         self._outbox: list[bytes] = []
+        # When each waiter's reply is due (loop time), in the waiters' order; one timer
+        # watches the oldest instead of a timer per command.
+        self.deadlines: deque[float] = deque()
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    def request(self, command: bytes, waiter: asyncio.Future[Any], timeout_s: float) -> None:
+        """Send ``command``; ``waiter`` gets its reply, or the connection is aborted with a
+        timeout error if no reply came within ``timeout_s``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        self.waiters.append(waiter)
+        self.deadlines.append(deadline)
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(deadline, self._watch)
+        self.send(command)
+
+    def _watch(self) -> None:
+        self._watchdog = None
+        if not self.deadlines or self.lost:
+            return
+        oldest = self.deadlines[0]
+        loop = asyncio.get_running_loop()
+        if oldest <= loop.time():
+            self.abort(RedisTimeoutError("Timed out waiting for Redis."))
+        else:
+            self._watchdog = loop.call_at(oldest, self._watch)
 
     def send(self, command: bytes) -> None:
         """Queue a command; everything queued in one turn of the loop goes in one write."""
@@ -85,6 +111,7 @@ class _RespProtocol(asyncio.Protocol):
                 self.abort(RedisConnectionError("Redis sent a reply nobody asked for."))
                 return
             waiter = self.waiters.popleft()
+            self.deadlines.popleft()
             if waiter.done():
                 continue
             if isinstance(reply, hiredis.ReplyError):
@@ -97,6 +124,10 @@ class _RespProtocol(asyncio.Protocol):
         self._fail_all(RedisConnectionError("Connection to Redis lost."))
 
     def _fail_all(self, error: Exception) -> None:
+        self.deadlines.clear()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
@@ -158,17 +189,8 @@ class PipelinedRedis:
         if protocol.lost or protocol.transport is None:
             raise RedisConnectionError("Connection to Redis lost.")
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        protocol.waiters.append(waiter)
-        protocol.send(encode_command(*args))
-        timer = asyncio.get_running_loop().call_later(
-            self._timeout_s,
-            protocol.abort,
-            RedisTimeoutError("Timed out waiting for Redis."),
-        )
-        try:
-            return await waiter
-        finally:
-            timer.cancel()
+        protocol.request(encode_command(*args), waiter, self._timeout_s)
+        return await waiter
 
     async def execute(self, *args: str | int | float | bytes) -> Any:
         return await self._send(await self._connection(), *args)

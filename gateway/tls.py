@@ -12,8 +12,9 @@ version, so the context is built by ``ssl_context_factory``, which every worker 
 calls from its own ``Config.load()``; the factory and the protocol class travel to spawned
 workers by pickling, hence module-level names only.
 
-mTLS identity: the HTTP protocols here (httptools or h11, as uvicorn would pick) add the
-ASGI TLS extension to every request of a TLS connection, computed once per connection::
+mTLS identity: the listener's protocols (:class:`gateway.listener.ListenerProtocol` with
+httptools, :class:`TLSH11Protocol` with h11, as uvicorn would pick) add the ASGI TLS
+extension to every request of a TLS connection, computed once per connection::
 
     scope["extensions"]["tls"] = {
         "server_cert": None,
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib.util
 import logging
 import os
 import ssl
@@ -46,6 +48,10 @@ from gateway.asgi import ASGIApp, Receive, Scope, Send
 from gateway.config import ConfigError, TLSSettings, UpstreamSettings, UpstreamTLSSettings
 
 log = logging.getLogger("bastion.tls")
+
+_HAS_HTTPTOOLS = importlib.util.find_spec("httptools") is not None
+# The listener's protocol with httptools, TLS or not (it adds the TLS extension itself).
+LISTENER_PROTOCOL = "gateway.listener:ListenerProtocol"
 
 
 class TLSConfigError(ConfigError):
@@ -141,10 +147,9 @@ def uvicorn_options(tls: TLSSettings, http: str = "auto") -> dict[str, Any]:
     """
     server_ssl_context(tls)
     use_httptools = http == "httptools" or (http == "auto" and _HAS_HTTPTOOLS)
-    protocol = "TLSHttpToolsProtocol" if use_httptools else "TLSH11Protocol"
     return {
         "ssl_context_factory": functools.partial(_uvicorn_ssl_context, tls),
-        "http": f"{__name__}:{protocol}",
+        "http": LISTENER_PROTOCOL if use_httptools else f"{__name__}:TLSH11Protocol",
     }
 
 
@@ -248,7 +253,7 @@ def tls_extension(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> dict[str, Any]:
     }
 
 
-def _connection_tls(transport: asyncio.BaseTransport) -> dict[str, Any] | None:
+def connection_tls(transport: asyncio.BaseTransport) -> dict[str, Any] | None:
     ssl_object = transport.get_extra_info("ssl_object")
     if ssl_object is None:
         return None
@@ -274,28 +279,6 @@ class _WithTLSExtension:
         await self.app(scope, receive, send)
 
 
-try:
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-except ImportError:  # pragma: no cover - httptools is part of uvicorn[standard]
-    _HAS_HTTPTOOLS = False
-else:
-    _HAS_HTTPTOOLS = True
-
-    class TLSHttpToolsProtocol(HttpToolsProtocol):
-        """uvicorn's httptools protocol plus the ASGI TLS extension."""
-
-        _tls: dict[str, Any] | None = None
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._tls = _connection_tls(transport)
-
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            if self._tls is not None:
-                self.scope["extensions"] = {"tls": self._tls}  # type: ignore[dict-item]
-
-
 from uvicorn.protocols.http.h11_impl import H11Protocol  # noqa: E402
 
 
@@ -304,7 +287,7 @@ class TLSH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        tls = _connection_tls(transport)
+        tls = connection_tls(transport)
         if tls is not None:
             self.app = _WithTLSExtension(self.app, tls)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from gateway.asgi import ASGIApp, Message, Receive, Scope, Send
 
 _NAME = b"strict-transport-security"
+_NAME_LENGTH = len(_NAME)
 
 
 class HSTSMiddleware:
@@ -25,10 +26,13 @@ class HSTSMiddleware:
 
         async def send_with_hsts(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", ()))
-                if all(key.lower() != _NAME for key, _ in headers):
-                    headers.append(header)
-                message["headers"] = headers
+                headers = message.get("headers", ())
+                for key, _ in headers:
+                    # Names of another length cannot match: no lower() for most of them.
+                    if len(key) == _NAME_LENGTH and key.lower() == _NAME:
+                        break
+                else:
+                    message["headers"] = [*headers, header]
             await send(message)
 
         await self.app(scope, receive, send_with_hsts)

@@ -13,6 +13,7 @@ from gateway.ratelimit import (
     MemoryRateLimiter,
     RateDecision,
     RedisRateLimiter,
+    _reset_bytes,
     build_rate_limiter,
     format_reset,
 )
@@ -226,6 +227,12 @@ async def test_concurrent_tasks_never_exceed_the_bucket() -> None:
 )
 def test_format_reset(seconds: float, text: str) -> None:
     assert format_reset(seconds) == text
+
+
+def test_the_headers_fast_path_formats_resets_as_format_reset_does() -> None:
+    samples = [i / 10_000 for i in range(0, 20_001)] + [0.07, 0.0004, 0.9989999, 0.99900001]
+    for seconds in samples:
+        assert _reset_bytes(seconds) == format_reset(seconds).encode(), seconds
 
 
 def decision(**changes: object) -> RateDecision:

@@ -96,6 +96,32 @@ async def test_silent_server_times_out_and_the_next_call_reconnects() -> None:
         server.close()
 
 
+async def test_each_call_gets_its_own_deadline_from_one_watchdog() -> None:
+    """A server that answers the first PING only: the first call succeeds, a call sent
+    later times out a whole timeout after it was sent, not at the first one's deadline."""
+
+    async def answers_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"PING\r\n")
+        writer.write(b"+PONG\r\n")
+        await writer.drain()
+        await reader.read()
+
+    server = await asyncio.start_server(answers_once, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = PipelinedRedis(f"redis://127.0.0.1:{port}/0", timeout_s=0.3)
+    loop = asyncio.get_running_loop()
+    try:
+        assert await client.ping()
+        await asyncio.sleep(0.2)  # the first call's deadline would fall 0.1 s from now
+        sent = loop.time()
+        with pytest.raises(RedisTimeoutError):
+            await client.ping()
+        assert 0.28 <= loop.time() - sent < 1.0
+    finally:
+        await client.aclose()
+        server.close()
+
+
 async def test_refused_connection() -> None:
     client = PipelinedRedis("redis://127.0.0.1:1/0", timeout_s=0.5)
     with pytest.raises(RedisConnectionError):

@@ -292,7 +292,7 @@ def test_tls_below_1_2_is_refused(pki: PKI, tls_server: int, version: ssl.TLSVer
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         legacy.minimum_version = version
-    with serving(echo_tls, None, "gateway.tls:TLSHttpToolsProtocol", legacy) as port:
+    with serving(echo_tls, None, "gateway.listener:ListenerProtocol", legacy) as port:
         assert (
             echo(port, ctx)["tls"]["tls_version"]
             == {"TLSv1": 0x0301, "TLSv1_1": 0x0302}[version.name]
@@ -376,7 +376,7 @@ def test_uvicorn_options_survive_pickling_for_worker_processes(pki: PKI) -> None
     factory = pickle.loads(pickle.dumps(options["ssl_context_factory"]))
     ctx = factory(None, lambda: ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
-    assert options["http"] == "gateway.tls:TLSHttpToolsProtocol"
+    assert options["http"] == "gateway.listener:ListenerProtocol"
     assert uvicorn_options(tls_settings(pki), "h11")["http"] == "gateway.tls:TLSH11Protocol"
 
 
@@ -523,6 +523,37 @@ def test_hsts_max_age_zero_sends_nothing(pki: PKI) -> None:
         assert (
             https_get(port, client_context(pki.ca)).getheader("strict-transport-security") is None
         )
+
+
+@pytest.mark.parametrize(
+    "own",
+    [b"strict-transport-security", b"Strict-Transport-Security", b"STRICT-TRANSPORT-SECURITY"],
+)
+async def test_hsts_leaves_a_header_the_app_set_itself_in_any_case(own: bytes) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"content-length", b"0"), (own, b"max-age=60")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "scheme": "https"}
+    await HSTSMiddleware(app, 31_536_000)(scope, None, send)  # type: ignore[arg-type]
+    assert sent[0]["headers"] == [(b"content-length", b"0"), (own, b"max-age=60")]
+    # Without one of its own, the app's headers get HSTS appended, nothing else changed.
+    sent.clear()
+
+    async def plain_app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"x-a", b"1")]})
+
+    await HSTSMiddleware(plain_app, 60)(scope, None, send)  # type: ignore[arg-type]
+    assert sent[0]["headers"] == [
+        (b"x-a", b"1"),
+        (b"strict-transport-security", b"max-age=60; includeSubDomains"),
+    ]
 
 
 # --- TLS towards upstreams -----------------------------------------------------------------

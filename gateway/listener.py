@@ -1,0 +1,131 @@
+"""The listener's HTTP protocol: uvicorn's httptools protocol with coalesced writes.
+
+uvicorn writes a response's status line and headers with one ``transport.write`` and its
+body with another. On uvloop each write is a ``send`` system call at once, and on a TLS
+connection also a TLS record of its own: measured on this project's 2-core machine with a
+fixed 700-byte request and a 600-byte answer, one write per answer costs 12 µs of CPU
+over plain HTTP and 33 µs over TLS, two writes 24 and 45 µs. :class:`CoalescedWrites`
+holds what is written during one turn of the event loop and hands it to the transport
+as one write at the end of the turn, so a whole answer (headers and body, or a stream's
+last chunk and its terminator) leaves in one segment and one TLS record. Nothing is
+reordered and nothing waits longer than the current turn; a close flushes first.
+
+:class:`ListenerProtocol` is what ``bastion serve`` runs with httptools, TLS or not. On
+a TLS connection it also adds the ASGI TLS extension (see :mod:`gateway.tls`) to every
+request's scope, computed once per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.tls import connection_tls
+
+# Above this many bytes held, a write goes out at once: a producer that writes a lot in
+# one turn must meet the transport's own flow control (pause_writing) in time.
+FLUSH_ABOVE = 64 * 1024
+
+
+class CoalescedWrites(asyncio.Transport):
+    """A transport that joins the writes of one event-loop turn into one.
+
+    Everything else is the wrapped transport's. ``close`` sends what is held first;
+    ``abort`` drops it, as an abort drops the transport's own buffer.
+    """
+
+    __slots__ = ("_held", "_held_bytes", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._transport = transport
+        self._loop = loop
+        self._held: list[bytes] | None = None
+        self._held_bytes = 0
+
+    # The writes.
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        held = self._held
+        if held is None:
+            self._held = held = []
+            self._held_bytes = 0
+            self._loop.call_soon(self.flush)
+        held.append(bytes(data))
+        self._held_bytes += len(data)
+        if self._held_bytes > FLUSH_ABOVE:
+            self.flush()
+
+    def writelines(self, list_of_data: Any) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def flush(self) -> None:
+        """Hand what is held to the transport now (a no-op when nothing is)."""
+        held, self._held = self._held, None
+        if held and not self._transport.is_closing():
+            self._transport.write(held[0] if len(held) == 1 else b"".join(held))
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + (self._held_bytes if self._held else 0)
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._held = None
+        self._transport.abort()
+
+    # Everything else is the transport's.
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.flush()
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+
+class ListenerProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol over :class:`CoalescedWrites`, plus the ASGI TLS
+    extension on TLS connections."""
+
+    _tls: dict[str, Any] | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(CoalescedWrites(transport, self.loop))
+        self._tls = connection_tls(transport)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._tls is not None:
+            self.scope["extensions"] = {"tls": self._tls}  # type: ignore[dict-item]

@@ -1,0 +1,229 @@
+"""gateway/listener.py: writes of one event-loop turn leave as one, in order, nothing lost."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from typing import Any
+
+import httptools
+import pytest
+import uvicorn
+from uvicorn.server import ServerState
+
+from gateway.listener import FLUSH_ABOVE, CoalescedWrites, ListenerProtocol
+
+
+class RecordingTransport(asyncio.Transport):
+    """A transport that keeps what it is given, and the calls made on it, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.calls: list[str] = []
+        self.closing = False
+
+    def write(self, data: Any) -> None:
+        self.calls.append("write")
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.calls.append("close")
+        self.closing = True
+
+    def abort(self) -> None:
+        self.calls.append("abort")
+        self.closing = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 50000), "sockname": ("127.0.0.1", 8080)}.get(
+            name, default
+        )
+
+    def pause_reading(self) -> None:
+        self.calls.append("pause_reading")
+
+    def resume_reading(self) -> None:
+        self.calls.append("resume_reading")
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+async def next_turn() -> None:
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
+async def test_writes_of_one_turn_leave_as_one_write_at_its_end() -> None:
+    inner = RecordingTransport()
+    outer = CoalescedWrites(inner, asyncio.get_running_loop())
+    outer.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    outer.write(memoryview(b"body"))
+    outer.writelines([b"-", bytearray(b"more")])
+    assert inner.writes == []
+    assert outer.get_write_buffer_size() == 19 + 4 + 1 + 4
+    await next_turn()
+    assert inner.writes == [b"HTTP/1.1 200 OK\r\n\r\nbody-more"]
+    outer.write(b"next")
+    await next_turn()
+    assert inner.writes[1:] == [b"next"]
+    await next_turn()
+    assert len(inner.writes) == 2  # nothing is written twice
+
+
+async def test_close_sends_what_is_held_first_and_abort_drops_it() -> None:
+    loop = asyncio.get_running_loop()
+    inner = RecordingTransport()
+    outer = CoalescedWrites(inner, loop)
+    outer.write(b"last bytes")
+    outer.close()
+    assert inner.calls == ["write", "close"]
+    assert inner.writes == [b"last bytes"]
+    await next_turn()
+    assert inner.writes == [b"last bytes"]
+
+    inner = RecordingTransport()
+    outer = CoalescedWrites(inner, loop)
+    outer.write(b"never sent")
+    outer.abort()
+    await next_turn()
+    assert inner.calls == ["abort"]
+
+
+async def test_a_large_write_goes_out_at_once_to_meet_flow_control() -> None:
+    inner = RecordingTransport()
+    outer = CoalescedWrites(inner, asyncio.get_running_loop())
+    outer.write(b"a" * 10)
+    outer.write(b"b" * FLUSH_ABOVE)
+    assert inner.writes == [b"a" * 10 + b"b" * FLUSH_ABOVE]
+    outer.write(b"c")
+    await next_turn()
+    assert inner.writes[1:] == [b"c"]
+
+
+async def test_nothing_is_written_to_a_transport_that_is_closing() -> None:
+    inner = RecordingTransport()
+    outer = CoalescedWrites(inner, asyncio.get_running_loop())
+    outer.write(b"late")
+    inner.closing = True  # the peer went away during the turn
+    await next_turn()
+    assert inner.writes == []
+    assert outer.is_closing()
+
+
+async def test_reading_control_and_extra_info_are_the_transports() -> None:
+    inner = RecordingTransport()
+    outer = CoalescedWrites(inner, asyncio.get_running_loop())
+    outer.pause_reading()
+    outer.resume_reading()
+    assert inner.calls == ["pause_reading", "resume_reading"]
+    assert outer.get_extra_info("peername") == ("127.0.0.1", 50000)
+    assert outer.get_extra_info("ssl_object") is None
+
+
+# --- the protocol, as uvicorn runs it --------------------------------------------------
+
+
+async def whole_answer(scope: Any, receive: Any, send: Any) -> None:
+    headers = [(b"content-length", b"12"), (b"x-a", b"1")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b'{"ok": true}'})
+
+
+async def streamed_answer(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    for part in (b"one", b"two", b"three"):
+        await asyncio.sleep(0.001)  # waiting for the upstream, as the proxy does
+        await send({"type": "http.response.body", "body": part, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def serve_one(app: Any, request: bytes) -> RecordingTransport:
+    config = uvicorn.Config(app, lifespan="off", log_level="error", http=ListenerProtocol)
+    config.load()
+    loop = asyncio.get_running_loop()
+    protocol = ListenerProtocol(config, ServerState(), {}, loop)
+    transport = RecordingTransport()
+    protocol.connection_made(transport)
+    protocol.data_received(request)
+    for _ in range(100):
+        await asyncio.sleep(0.002)
+        if not protocol.cycle or protocol.cycle.response_complete:
+            break
+    await next_turn()
+    protocol.connection_lost(None)
+    return transport
+
+
+def parse_response(data: bytes) -> tuple[int, bytes]:
+    body = bytearray()
+
+    class Sink:
+        def on_body(self, chunk: bytes) -> None:
+            body.extend(chunk)
+
+    parser = httptools.HttpResponseParser(Sink())
+    parser.feed_data(data)
+    return parser.get_status_code(), bytes(body)
+
+
+async def test_a_whole_answer_leaves_in_one_write() -> None:
+    transport = await serve_one(whole_answer, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert len(transport.writes) == 1
+    assert parse_response(transport.writes[0]) == (200, b'{"ok": true}')
+    assert b"x-a: 1\r\n" in transport.writes[0]
+
+
+async def test_a_stream_keeps_its_order_and_its_last_chunk_carries_the_terminator() -> None:
+    transport = await serve_one(streamed_answer, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert parse_response(b"".join(transport.writes)) == (200, b"onetwothree")
+    # Headers go with nothing else (the first chunk comes a turn later); the last chunk
+    # and the chunked terminator leave together.
+    assert transport.writes[-1] == b"5\r\nthree\r\n0\r\n\r\n"
+
+
+async def test_a_malformed_request_gets_its_400_before_the_close() -> None:
+    transport = await serve_one(whole_answer, b"\x00\x01 garbage\r\n\r\n")
+    assert transport.calls[:2] == ["write", "close"]
+    assert parse_response(transport.writes[0])[0] == 400
+
+
+def test_served_for_real_over_a_socket() -> None:
+    """uvicorn with the listener protocol, a real keep-alive socket, two requests."""
+    import threading
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = uvicorn.Config(
+        whole_answer, host="127.0.0.1", port=port, lifespan="off", log_level="error",
+        http="gateway.listener:ListenerProtocol",
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            threading.Event().wait(0.02)
+        assert server.started
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            for _ in range(2):
+                conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                data = b""
+                while not data.endswith(b'{"ok": true}'):
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        pytest.fail(f"connection closed after {data!r}")
+                    data += chunk
+                assert parse_response(data) == (200, b'{"ok": true}')
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(RuntimeError):
+            thread.join(10)
