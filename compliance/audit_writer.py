@@ -84,6 +84,7 @@ class AuditWriter:
         self._wake = threading.Condition(self._lock)
         self._room = threading.Condition(self._lock)
         self._room_waiters: list[asyncio.Future[None]] = []
+        self._idle = False  # the writer thread waits on _wake (so a record must wake it)
         self._closing = False
         self._thread = threading.Thread(
             target=self._run, name=f"audit-writer-{appender.writer_id}", daemon=True
@@ -172,7 +173,8 @@ class AuditWriter:
             if len(self._queue) >= self._queue_size:
                 return False
             self._queue.append((prepared, done))
-            self._wake.notify()
+            if self._idle:  # a busy writer takes the queue when its batch is done
+                self._wake.notify()
             return True
 
     def _check_open(self) -> None:
@@ -188,7 +190,9 @@ class AuditWriter:
                     wait = self.appender.seconds_until_checkpoint()
                     if wait is not None and wait <= 0:
                         break
+                    self._idle = True
                     self._wake.wait(wait)
+                    self._idle = False
                 take = min(len(self._queue), self._max_batch)
                 batch = [self._queue.popleft() for _ in range(take)]
                 finished = self._closing and not self._queue and not batch
@@ -221,7 +225,7 @@ class AuditWriter:
         self.stats.entries += len(batch)
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
-        _settle_all([(waiter, ref, None) for (_, waiter), ref in zip(batch, refs, strict=True)])
+        _resolve_all([waiter for _, waiter in batch], refs)
 
     def _checkpoint(self) -> None:
         try:
@@ -283,6 +287,32 @@ def _settle_all(settlements: list[Settlement]) -> None:
         # A closed loop raises RuntimeError: nobody is waiting there any more.
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(_settle_each, items)
+
+
+def _resolve_all(waiters: list[Waiter], refs: list[EntryRef]) -> None:
+    """:func:`_settle_all` for a committed batch, the per-entry path kept short."""
+    by_loop: dict[
+        asyncio.AbstractEventLoop, tuple[list[asyncio.Future[EntryRef]], list[EntryRef]]
+    ] = {}
+    for waiter, ref in zip(waiters, refs, strict=True):
+        if isinstance(waiter, concurrent.futures.Future):
+            _settle((waiter, ref, None))
+            continue
+        loop = waiter.get_loop()
+        pending = by_loop.get(loop)
+        if pending is None:
+            pending = by_loop[loop] = ([], [])
+        pending[0].append(waiter)
+        pending[1].append(ref)
+    for loop, (futures, results) in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits there
+            loop.call_soon_threadsafe(_resolve_each, futures, results)
+
+
+def _resolve_each(futures: list[asyncio.Future[EntryRef]], refs: list[EntryRef]) -> None:
+    for future, ref in zip(futures, refs, strict=True):
+        if not future.done():  # else cancelled by its waiter
+            future.set_result(ref)
 
 
 def _settle_each(items: list[Settlement]) -> None:

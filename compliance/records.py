@@ -2,6 +2,8 @@
 
 A record is checked and serialised by :func:`prepare` on the caller's thread, so a bad
 record fails its own ``append`` and never the batch it would have shared with others.
+These run once per proxied request on the event loop, hence plain slotted classes and
+tuples rather than frozen dataclasses (whose ``__init__`` costs a call per field).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -34,6 +36,7 @@ _TEXT_LIMITS = {
     "guard": 512,
     "watermark": 256,
 }
+_TEXT_MAXIMA = tuple(_TEXT_LIMITS.values())
 _INT_FIELDS = ("time_us", "status", "prompt_tokens", "completion_tokens", "latency_us", "ttft_us")
 # Canonical JSON (RFC 8785) writes integers exactly only up to 2**53.
 _INT_LIMIT = 2**53
@@ -43,9 +46,12 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class AuditRecord:
     """One audited request or action, as the gateway knows it.
+
+    ``append`` takes what it needs from the record before it returns control (see
+    :func:`prepare`): changing a record afterwards changes no entry.
 
     Everything but ``payload`` is stored in clear. ``payload`` (a JSON object: by
     convention ``request``, ``response`` and, for a cut stream, ``delivered`` and
@@ -72,8 +78,7 @@ class AuditRecord:
     payload: Mapping[str, Any] | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class EntryRef:
+class EntryRef(NamedTuple):
     """Where a durable entry sits: its chain, its place in it, and its hash."""
 
     writer_id: str
@@ -88,8 +93,7 @@ class EntryRef:
         return self.id
 
 
-@dataclass(frozen=True, slots=True)
-class PreparedRecord:
+class PreparedRecord(NamedTuple):
     """A checked record: the clear columns in canonical order, and what to seal."""
 
     columns: tuple[Any, ...]
@@ -128,50 +132,68 @@ def _int_problem(name: str, value: object) -> Exception:
     return ValueError(f"audit record: {name} is out of range")
 
 
-def _json(name: str, value: Mapping[str, Any] | None) -> bytes | None:
-    if value is None:
-        return None
+def _json(name: str, value: Mapping[str, Any]) -> bytes:
     try:
-        text = orjson.dumps(value, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
     except TypeError as exc:
         raise ValueError(f"audit record: {name} is not JSON-serialisable ({exc})") from exc
-    return text
+
+
+def _check_texts(texts: tuple[Any, ...]) -> None:
+    """Raise for the first bad text field (the slow, exact check behind prepare's)."""
+    for name, value in zip(_TEXT_LIMITS, texts, strict=True):
+        if value is None:
+            continue
+        if not isinstance(value, str) or len(value) > _TEXT_LIMITS[name] or "\x00" in value:
+            raise _text_problem(name, value)
+        if not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError as exc:
+                raise _text_problem(name, value) from exc
+
+
+def _check_numbers(numbers: tuple[Any, ...]) -> None:
+    for name, number in zip(_INT_FIELDS, numbers, strict=True):
+        if number is None:
+            continue
+        if isinstance(number, bool) or not isinstance(number, int):
+            raise _int_problem(name, number)
+        if not -_INT_LIMIT < number < _INT_LIMIT:
+            raise _int_problem(name, number)
 
 
 def prepare(record: AuditRecord) -> PreparedRecord:
     """Check ``record`` and serialise its JSON parts; ValueError/TypeError if it is bad.
 
-    Runs on the caller's thread (the event loop) for every request, hence the flat loops.
+    Runs on the caller's thread (the event loop) for every request: a quick test that
+    passes every good record, and the exact checks only when it does not.
     """
     r = record
     texts = (r.kind, r.request_id, r.key_id, r.subject_id, r.model, r.route, r.guard, r.watermark)
-    for name, value in zip(_TEXT_LIMITS, texts, strict=True):
-        if value is not None and (
-            not isinstance(value, str) or len(value) > _TEXT_LIMITS[name] or "\x00" in value
-        ):
-            raise _text_problem(name, value)
-    try:  # one C call finds any lone surrogate, which no database would store
-        orjson.dumps(texts)
+    for value, limit in zip(texts, _TEXT_MAXIMA, strict=True):
+        if value is not None and (type(value) is not str or len(value) > limit):
+            _check_texts(texts)
+            break
+    try:
+        # One C call finds any lone surrogate (which no database would store), and
+        # writes a NUL as \u0000 (a text with a literal "\u0000" takes the slow check).
+        if b"\\u0000" in orjson.dumps(texts):
+            _check_texts(texts)
     except TypeError:
-        for name, value in zip(_TEXT_LIMITS, texts, strict=True):
-            if value is not None and not value.isascii():
-                try:
-                    value.encode()
-                except UnicodeEncodeError as exc:
-                    raise _text_problem(name, value) from exc
+        _check_texts(texts)
         raise
     if not r.kind:
         raise ValueError("audit record: kind is empty")
     numbers = (r.time_us, r.status, r.prompt_tokens, r.completion_tokens, r.latency_us, r.ttft_us)
-    for name, number in zip(_INT_FIELDS, numbers, strict=True):
-        if number is None:
-            continue
-        if type(number) is not int and (isinstance(number, bool) or not isinstance(number, int)):
-            raise _int_problem(name, number)
-        if not -_INT_LIMIT < number < _INT_LIMIT:
-            raise _int_problem(name, number)
-    detail = _json("detail", r.detail)
-    plaintext = _json("payload", r.payload)
+    for number in numbers:
+        if number is not None and (
+            type(number) is not int or not -_INT_LIMIT < number < _INT_LIMIT
+        ):
+            _check_numbers(numbers)
+            break
+    detail = None if r.detail is None else _json("detail", r.detail).decode()
+    plaintext = None if r.payload is None else _json("payload", r.payload)
     columns = (
         r.time_us,
         r.kind,
@@ -186,6 +208,6 @@ def prepare(record: AuditRecord) -> PreparedRecord:
         r.ttft_us,
         r.guard,
         r.watermark,
-        detail.decode() if detail is not None else None,
+        detail,
     )
     return PreparedRecord(columns, data_key_owner(r), plaintext)

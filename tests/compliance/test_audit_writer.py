@@ -15,7 +15,7 @@ from sqlalchemy.exc import OperationalError
 from compliance.appender import ChainAppender
 from compliance.audit_schema import checkpoints, entries
 from compliance.audit_writer import AuditQueueFull, AuditWriteError, AuditWriter, AuditWriterClosed
-from compliance.records import AuditRecord
+from compliance.records import AuditRecord, EntryRef, prepare
 from compliance.verify import VerifyReport
 from gateway.store import make_engine
 from tests.compliance.conftest import AppenderFactory
@@ -162,3 +162,51 @@ def test_a_restarted_writer_continues_its_chain(
     second.close()
     report = verify()
     assert report.ok and report.entries == 4 and report.chains[0].closed
+
+
+@pytest.mark.parametrize("sizes", [[1, 3, 17], [64, 257, 300], [2 * 256 + 64 + 16 + 4 + 3]])
+def test_batches_of_any_size_are_stored_exactly(
+    engine: Engine, make_appender: AppenderFactory, verify: Verify, sizes: list[int]
+) -> None:
+    appender = make_appender(every_entries=100)
+    n = 0
+    for size in sizes:  # the driver gets rows in several statement sizes or one COPY
+        batch = [
+            request_record(n + i, subject=None if i % 3 else f"s{i % 4}", detail={"i": i})
+            for i in range(size - 1)
+        ]
+        batch.append(AuditRecord(request_id="r\u00e9\U0001f600", model="m", guard=None))
+        refs = appender.append_batch(batch)
+        n += size
+        assert [r.seq for r in refs] == list(range(n - size + 1, n + 1))
+    with engine.connect() as connection:
+        stored = connection.execute(
+            select(
+                entries.c.seq, entries.c.request_id, entries.c.detail, entries.c.entry_hash
+            ).order_by(entries.c.seq)
+        ).all()
+    assert [row.seq for row in stored] == list(range(1, n + 1))
+    assert stored[-1].request_id == "r\u00e9\U0001f600" and stored[-1].detail is None
+    assert {'{"i":0}', '{"i":1}'} <= {row.detail for row in stored}
+    assert stored[-1].entry_hash == refs[-1].entry_hash
+    report = verify()
+    assert report.ok and report.entries == n
+
+
+def test_record_checks_take_the_exact_path_only_when_needed() -> None:
+    class Name(str):
+        pass
+
+    for fine in ["a\\u0000b", Name("subclassed"), "\u00e9t\u00e9"]:  # no NUL, no surrogate
+        assert prepare(AuditRecord(model=fine)).columns[4] == fine
+    for changes, error in [
+        ({"guard": "\x00"}, ValueError),
+        ({"watermark": "ok\ud800"}, ValueError),
+        ({"route": 3}, TypeError),
+        ({"status": 2.0}, TypeError),
+        ({"time_us": -(2**53)}, ValueError),
+    ]:
+        with pytest.raises(error):
+            prepare(AuditRecord(**changes))  # type: ignore[arg-type]
+    ref = EntryRef("w", 3, b"h")
+    assert ref.id == str(ref) == "w:3" and ref == EntryRef("w", 3, b"h")

@@ -100,3 +100,18 @@ def test_rotation_rewraps_data_keys_and_leaves_entries_alone(
     assert both.payload(entry)["response"] == "answer 0"
     third = bytes(32)
     assert rotate_master_key(engine, third, bytes(range(1, 33))).foreign == 5
+
+
+def test_a_batch_of_owners_gets_cached_and_new_keys(engine: Engine) -> None:
+    now = [0.0]
+    ring = KeyRing(engine, MASTER_KEY, cache_ttl_s=10, clock=lambda: now[0])
+    alice = ring.for_owner("subject:alice")
+    keys = ring.for_owners({"subject:alice", "subject:bob"})
+    assert keys["subject:alice"] is alice and keys["subject:bob"].id != alice.id
+    KeyRing(engine, MASTER_KEY).destroy_subject("bob")  # by another process
+    assert ring.for_owners(["subject:bob"])["subject:bob"] is keys["subject:bob"]  # cached
+    now[0] = 11.0  # the cache expired: the destruction is seen, bob gets a new key
+    assert ring.for_owners(["subject:bob"])["subject:bob"].id not in (
+        keys["subject:bob"].id,
+        alice.id,
+    )
