@@ -1,4 +1,4 @@
-"""The hash chain: canonical bytes of an entry, its hash, and what a checkpoint signs.
+"""The hash chain: canonical bytes of an entry, its leaf and chain hashes, what a checkpoint signs.
 
 One chain per writer (a gateway process, or one CLI run), so concurrent processes never
 contend for a chain head: no cross-process lock, no serialisable transactions, and a
@@ -6,23 +6,32 @@ PostgreSQL shared by many gateways keeps a verifiable history per writer. The pr
 that the log is a set of chains rather than one total order; each entry still carries
 its time, and checkpoints sign each chain's head regularly.
 
-For the entry ``seq`` of writer ``w``::
+Format v2. For the entry ``seq`` of writer ``w``::
 
-    meta  = JCS(["bastion.audit.entry.v1", w, seq, time_us, kind, request_id, key_id,
+    meta  = JCS(["bastion.audit.entry.v2", w, seq, time_us, kind, request_id, key_id,
                  data_key_id, model, route, status, prompt_tokens, completion_tokens,
                  latency_us, ttft_us, guard, watermark, detail, len(payload) or null])
-    hash  = SHA-256(prev || meta || payload)
-    prev  = hash of entry seq - 1, or for seq 1 SHA-256("bastion.audit.genesis.v1|" || w)
+    leaf  = SHA-256(meta || payload)
+    hash  = SHA-256(prev || leaf)
+    prev  = hash of entry seq - 1, or for seq 1 SHA-256("bastion.audit.genesis.v2|" || w)
 
 JCS is RFC 8785 canonical JSON; with only strings, integers below 2**53 and null it is
-compact JSON with minimal escapes, which ``orjson.dumps`` writes. The hash covers every
+compact JSON with minimal escapes, which ``orjson.dumps`` writes. The leaf covers every
 stored column of the entry: the stored bytes, not a re-serialisation of them.
 
-A checkpoint signs (Ed25519) ``JCS(["bastion.audit.checkpoint.v1", kind, w, seq,
+Why a leaf: the chain links only leaves, so an entry can be proved to lead to a signed
+head from its neighbours' 32-byte leaves alone, without their metadata or ciphertext.
+Export bundles rely on that (:mod:`compliance.export_format`): entries that are not
+exported appear there as ``(writer, seq, leaf)`` only.
+
+A checkpoint signs (Ed25519) ``JCS(["bastion.audit.checkpoint.v2", kind, w, seq,
 hex(hash of entry seq), time_us])``. Kinds: ``periodic`` (every N entries or T seconds),
 ``final`` (the writer closed), ``retention`` (entries up to seq were deleted by the
 retention job, and the chain legitimately restarts after it), ``export`` (an export
 signed a head that no checkpoint covered yet, after verifying the chain up to it).
+
+Format v1 (``hash = SHA-256(prev || meta || payload)``, tags ``...v1``) is not read: a v1
+log or checkpoint does not verify under v2.
 """
 
 from __future__ import annotations
@@ -38,8 +47,9 @@ from typing import Any
 
 import orjson
 
-ENTRY_TAG = "bastion.audit.entry.v1"
-CHECKPOINT_TAG = "bastion.audit.checkpoint.v1"
+ENTRY_TAG = "bastion.audit.entry.v2"
+CHECKPOINT_TAG = "bastion.audit.checkpoint.v2"
+GENESIS_TAG = b"bastion.audit.genesis.v2|"
 PERIODIC = "periodic"
 FINAL = "final"
 RETENTION = "retention"
@@ -64,28 +74,44 @@ def check_writer_id(writer_id: str) -> str:
 
 
 def genesis_hash(writer_id: str) -> bytes:
-    return hashlib.sha256(b"bastion.audit.genesis.v1|" + writer_id.encode()).digest()
+    return _sha256(GENESIS_TAG + writer_id.encode()).digest()
 
 
 def entry_meta(writer_id: str, fields: Sequence[Any]) -> bytes:
     """The canonical metadata of an entry; ``fields`` are its HASHED_COLUMNS (payload last)."""
     payload = fields[-1]
-    return orjson.dumps(
-        (ENTRY_TAG, writer_id, *fields[:-1], None if payload is None else len(payload))
-    )
+    return _dumps((ENTRY_TAG, writer_id, *fields[:-1], None if payload is None else len(payload)))
+
+
+def entry_leaf(writer_id: str, fields: Sequence[Any]) -> bytes:
+    """SHA-256(entry_meta(writer_id, fields) || payload)."""
+    return leaf_hash(writer_id, fields[:-1], fields[-1])
 
 
 def entry_hash(prev: bytes, writer_id: str, fields: Sequence[Any]) -> bytes:
-    """SHA-256(prev || entry_meta(writer_id, fields) || payload)."""
-    return link_hash(prev, writer_id, fields[:-1], fields[-1])
+    """The chain hash of an entry: SHA-256(prev || entry_leaf(writer_id, fields))."""
+    return _sha256(prev + leaf_hash(writer_id, fields[:-1], fields[-1])).digest()
 
 
-def link_hash(prev: bytes, writer_id: str, meta: Sequence[Any], payload: bytes | None) -> bytes:
-    """:func:`entry_hash` with the payload apart from the other fields (seq ... detail):
-    the verifier's form, one call per row."""
+def leaf_hash(writer_id: str, meta: Sequence[Any], payload: bytes | None) -> bytes:
+    """:func:`entry_leaf` with the payload apart from the other fields (seq ... detail)."""
     if payload is None:
-        return _sha256(prev + _dumps((ENTRY_TAG, writer_id, *meta, None))).digest()
-    return _sha256(prev + _dumps((ENTRY_TAG, writer_id, *meta, len(payload))) + payload).digest()
+        return _sha256(_dumps((ENTRY_TAG, writer_id, *meta, None))).digest()
+    return _sha256(_dumps((ENTRY_TAG, writer_id, *meta, len(payload))) + payload).digest()
+
+
+def link_hash(prev: bytes, leaf: bytes) -> bytes:
+    """SHA-256(prev || leaf): the next chain hash."""
+    return _sha256(prev + leaf).digest()
+
+
+def meta_prefix(writer_id: str) -> bytes:
+    """What every :func:`entry_meta` of ``writer_id`` starts with, up to its first field.
+
+    The verifier's hot loop serialises only ``[seq, ..., len(payload)]`` and puts this
+    in place of the opening bracket: ``meta = meta_prefix(w) + dumps(rest)[1:]``.
+    """
+    return _dumps((ENTRY_TAG, writer_id))[:-1] + b","
 
 
 def parse_entry_id(text: str) -> tuple[str, int]:

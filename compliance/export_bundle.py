@@ -31,8 +31,16 @@ from sqlalchemy import Connection, Engine, insert, select
 
 from compliance import export_format as fmt
 from compliance.audit_schema import HASHED_COLUMNS, checkpoints, entries
-from compliance.chain import EXPORT, Checkpoint, genesis_hash
-from compliance.chain_walk import load_checkpoints, snapshot, sort_checkpoints, walk_chain
+from compliance.chain import EXPORT, Checkpoint, genesis_hash, meta_prefix
+from compliance.chain_walk import (
+    Row,
+    load_checkpoints,
+    row_leaf,
+    snapshot,
+    sort_checkpoints,
+    stored_rows,
+    walk_chain,
+)
 from compliance.keyring import KeyRing, subject_owner
 from compliance.reader import AuditEntry, AuditReader, PayloadUnavailable
 from compliance.records import CONTENT_VIEWED, EXPORT_MADE, AuditRecord, now_us
@@ -40,7 +48,6 @@ from compliance.signing import CheckpointVerifier, fingerprint, public_key_pem, 
 
 DoNotSell = Callable[[Engine], set[str]]
 Progress = Callable[[int], None]
-_ROW = [entries.c[name] for name in HASHED_COLUMNS] + [entries.c.entry_hash]
 
 
 class ExportError(Exception):
@@ -240,8 +247,11 @@ def _write_chain(
     chain: IO[bytes],
     cps: IO[bytes],
 ) -> None:
+    """chain.jsonl (segments, and the leaves of the entries not exported) and the
+    checkpoints that end the segments."""
     for writer, seqs in selected.items():
         marks = sorted(signed.get(writer, {}))
+        prefix, wanted = meta_prefix(writer), set(seqs)
         for after, until in _segments(seqs, marks):
             prev = _hash_before(connection, writer, after, signed.get(writer, {}))
             header = {
@@ -252,13 +262,22 @@ def _write_chain(
                 "to_seq": until,
             }
             chain.write(orjson.dumps(header) + b"\n")
-            wanted = set(seqs)
-            for row in _rows(connection, writer, after, until):
-                if row[0] not in wanted:
-                    line = fmt.entry_line(writer, row[:-1], bytes(row[-1]), "context")
-                    chain.write(orjson.dumps(line) + b"\n")
+            for part in stored_rows(connection, writer, after, until, batch=2000):
+                for row in part:
+                    if row[0] not in wanted:
+                        line = fmt.leaf_line(writer, row[0], _leaf(prefix, writer, row))
+                        chain.write(orjson.dumps(line) + b"\n")
             for checkpoint in signed[writer][until]:
                 cps.write(orjson.dumps(_checkpoint_json(checkpoint)) + b"\n")
+
+
+def _leaf(prefix: bytes, writer: str, row: Row) -> bytes:
+    try:
+        return row_leaf(prefix, row)
+    except TypeError as exc:
+        raise ExportError(
+            f"the audit log does not verify: entry {writer}:{row[0]} ({exc})"
+        ) from exc
 
 
 def _segments(seqs: list[int], marks: list[int]) -> Iterator[tuple[int, int]]:
@@ -286,15 +305,6 @@ def _hash_before(
     if seq in signed:  # a retention anchor: the entry itself is gone
         return signed[seq][0].head_hash
     raise ExportError(f"chain {writer}: entry {seq} is missing and no checkpoint covers it")
-
-
-def _rows(connection: Connection, writer: str, after: int, until: int) -> Iterator[Any]:
-    stmt = (
-        select(*_ROW)
-        .where(entries.c.writer_id == writer, entries.c.seq > after, entries.c.seq <= until)
-        .order_by(entries.c.seq)
-    )
-    yield from connection.execution_options(yield_per=2000).execute(stmt)
 
 
 def _checkpoint_json(checkpoint: Checkpoint) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 A bundle is an uncompressed POSIX tar (stdlib ``tarfile``; any ``tar`` lists it) of::
 
     entries.jsonl      the exported entries, one JSON object a line, chain order
-    chain.jsonl        what links them to signed checkpoints (segments, context entries)
+    chain.jsonl        what links them to signed checkpoints (segments, others' leaves)
     checkpoints.jsonl  the signed checkpoints that end those segments
     manifest.json      SHA-256 and size of each file above, the query, the time, the signer
     manifest.sig       Ed25519 signature over manifest.json's bytes (raw, 64 bytes)
@@ -15,13 +15,14 @@ its stored ``entry_hash``, and, for exports with payloads, the decrypted ``paylo
 people and is not hashed.
 
 ``chain.jsonl`` holds, per writer, segments: a ``segment`` line ``{writer_id, after_seq,
-prev_hash, to_seq}`` then one ``context`` line (the same shape as an entry line, without
-payload) for every entry of the chain in ``(after_seq, to_seq]`` that is not exported.
-Recomputing ``SHA-256(prev || meta || payload)`` along the segment from ``prev_hash``
-must give every exported entry's hash and end on the head of a signed checkpoint at
-``to_seq``: since the chain is a SHA-256 chain, nothing shorter than those entries' own
-bytes can prove the link. Context entries are pseudonymous metadata and sealed payloads;
-they cannot be read without the master key.
+prev_hash, to_seq}``, then one ``leaf`` line ``{writer_id, seq, leaf}`` (the entry's leaf
+digest, hex) for every entry of the chain in ``(after_seq, to_seq]`` that is not exported,
+and nothing else about it: no metadata, no ciphertext. The chain links leaves
+(``hash = SHA-256(prev || leaf)``, :mod:`compliance.chain`), so walking the segment from
+``prev_hash``, with the leaves of exported entries recomputed from their lines in
+``entries.jsonl`` and the others taken from ``chain.jsonl``, must give every exported
+entry's hash and end on the head of a signed checkpoint at ``to_seq``. A leaf line never
+stands for an exported entry: those are always recomputed from their bytes.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from compliance.audit_schema import HASHED_COLUMNS
-from compliance.chain import link_hash
+from compliance.chain import leaf_hash
 
-FORMAT = "bastion.export.v1"
+FORMAT = "bastion.export.v2"
 ENTRIES = "entries.jsonl"
 CHAIN = "chain.jsonl"
 CHECKPOINTS = "checkpoints.jsonl"
@@ -50,15 +51,10 @@ def iso_time(time_us: int) -> str:
     return datetime.fromtimestamp(time_us / 1_000_000, UTC).isoformat().replace("+00:00", "Z")
 
 
-def entry_line(
-    writer_id: str, row: Sequence[Any], entry_hash: bytes, line_type: str | None = None
-) -> dict[str, Any]:
+def entry_line(writer_id: str, row: Sequence[Any], entry_hash: bytes) -> dict[str, Any]:
     """A JSON-ready entry from its HASHED_COLUMNS values (seq ... payload)."""
     seq, payload = row[0], row[-1]
-    line: dict[str, Any] = {}
-    if line_type is not None:
-        line["type"] = line_type
-    line |= {"id": f"{writer_id}:{seq}", "writer_id": writer_id, "seq": seq}
+    line: dict[str, Any] = {"id": f"{writer_id}:{seq}", "writer_id": writer_id, "seq": seq}
     line["time"] = iso_time(row[1])
     for name, value in zip(META_FIELDS, row[1:-1], strict=True):
         line[name] = value
@@ -71,8 +67,14 @@ class LineError(ValueError):
     """A line of the bundle is not what the format says."""
 
 
-def recompute(prev: bytes, line: dict[str, Any]) -> bytes:
-    """The chain hash of the entry in ``line`` after ``prev``; LineError if malformed."""
+def leaf_line(writer_id: str, seq: int, leaf: bytes) -> dict[str, Any]:
+    """The ``chain.jsonl`` line that stands for an entry that is not exported."""
+    return {"type": "leaf", "writer_id": writer_id, "seq": seq, "leaf": leaf.hex()}
+
+
+def entry_leaf(line: dict[str, Any]) -> bytes:
+    """The leaf of the entry in an ``entries.jsonl`` line, from its stored bytes;
+    LineError if the line is malformed."""
     try:
         writer_id = line["writer_id"]
         meta = [line["seq"], *(line[name] for name in META_FIELDS)]
@@ -83,6 +85,6 @@ def recompute(prev: bytes, line: dict[str, Any]) -> bytes:
     if not isinstance(writer_id, str):
         raise LineError("malformed entry (writer_id)")
     try:
-        return link_hash(prev, writer_id, meta, payload)
+        return leaf_hash(writer_id, meta, payload)
     except TypeError as exc:
         raise LineError(f"malformed entry ({exc})") from exc

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from compliance import export_format as fmt
-from compliance.chain import Checkpoint
+from compliance.chain import Checkpoint, link_hash
 from compliance.signing import CheckpointVerifier, fingerprint
 
 Progress = Callable[[int], None]
@@ -216,59 +216,85 @@ def _walk(
     heads: dict[tuple[str, int], list[bytes]],
     progress: Progress,
 ) -> set[str]:
-    """Recompute each segment of chain.jsonl; the ids of the exported entries it links."""
+    """Walk each segment of chain.jsonl; the ids of the exported entries it links.
+
+    An exported entry's leaf is recomputed from its line in entries.jsonl; the entries in
+    between give only their leaf. Either way the chain hash is SHA-256(prev || leaf), and
+    the segment must end on a signed head.
+    """
     linked: set[str] = set()
     segment: dict[str, Any] | None = None
-    prev, seq = b"", 0
+    prev, seq, after_leaf = b"", 0, False
 
     def close() -> None:
         if segment is None:
             return
         writer, end = segment["writer_id"], segment["to_seq"]
-        while seq < end:  # exported entries after the last context line
-            step(exported.get(f"{writer}:{seq + 1}"), f"{writer}:{seq + 1}")
+        while seq < end:  # exported entries after the last leaf line
+            exported_step(writer)
         signed = heads.get((writer, end))
         if not signed:
             raise BundleProblem(f"chain {writer}: no signed checkpoint at {end} in the bundle")
         if prev not in signed:
             raise BundleProblem(
                 f"chain {writer}: entries {segment['after_seq'] + 1}..{end} do not lead to "
-                f"the signed head at {end} (an entry or a context line was altered)"
+                f"the signed head at {end} (an entry or a leaf was altered)"
             )
 
-    def step(line: dict[str, Any] | None, entry_id: str) -> None:
-        nonlocal prev, seq
+    def exported_step(writer: str) -> None:
+        nonlocal prev, seq, after_leaf
+        entry_id = f"{writer}:{seq + 1}"
+        line = exported.get(entry_id)
         if line is None:
             raise BundleProblem(f"entry {entry_id}: missing (neither exported nor in chain.jsonl)")
         try:
-            digest = fmt.recompute(prev, line)
+            leaf = fmt.entry_leaf(line)
         except fmt.LineError as exc:
             raise BundleProblem(f"entry {entry_id}: {exc}") from exc
+        digest = link_hash(prev, leaf)
         if digest.hex() != line.get("entry_hash"):
+            if after_leaf:
+                raise BundleProblem(
+                    f"entry {entry_id}: its hash does not follow from the leaf before it "
+                    "(the entry or a leaf was altered)"
+                )
             raise BundleProblem(f"entry {entry_id}: altered: its content does not match its hash")
-        if line.get("type") != "context":
-            linked.add(entry_id)
-        prev, seq = digest, seq + 1
+        linked.add(entry_id)
+        prev, seq, after_leaf = digest, seq + 1, False
 
     for number, line in _lines(tar, fmt.CHAIN):
         progress(1)
-        if line.get("type") == "segment":
+        kind = line.get("type")
+        if kind == "segment":
             close()
             segment = line
             try:
                 prev, seq = bytes.fromhex(line["prev_hash"]), int(line["after_seq"])
+                after_leaf = False
                 int(line["to_seq"])
             except (KeyError, TypeError, ValueError) as exc:
                 raise BundleProblem(f"chain.jsonl line {number}: malformed ({exc})") from exc
             continue
+        if kind != "leaf":
+            raise BundleProblem(f"chain.jsonl line {number}: not a segment or a leaf")
         if segment is None or line.get("writer_id") != segment["writer_id"]:
-            raise BundleProblem(f"chain.jsonl line {number}: a context entry outside its segment")
-        target = line.get("seq")
+            raise BundleProblem(f"chain.jsonl line {number}: a leaf outside its segment")
+        writer, target = segment["writer_id"], line.get("seq")
         if not isinstance(target, int) or target <= seq or target > segment["to_seq"]:
             raise BundleProblem(f"chain.jsonl line {number}: out of order")
-        writer = segment["writer_id"]
-        while seq + 1 < target:  # exported entries before this context entry
-            step(exported.get(f"{writer}:{seq + 1}"), f"{writer}:{seq + 1}")
-        step(line, f"{writer}:{target}")
+        if f"{writer}:{target}" in exported:
+            raise BundleProblem(
+                f"chain.jsonl line {number}: a bare leaf for the exported entry "
+                f"{writer}:{target} (exported entries are checked from their own bytes)"
+            )
+        try:
+            leaf = bytes.fromhex(line["leaf"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleProblem(f"chain.jsonl line {number}: malformed ({exc})") from exc
+        if len(leaf) != 32:
+            raise BundleProblem(f"chain.jsonl line {number}: a leaf is 32 bytes")
+        while seq + 1 < target:  # exported entries before this leaf
+            exported_step(writer)
+        prev, seq, after_leaf = link_hash(prev, leaf), target, True
     close()
     return linked

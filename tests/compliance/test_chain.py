@@ -17,8 +17,11 @@ from compliance.chain import (
     check_writer_id,
     default_writer_id,
     entry_hash,
+    entry_leaf,
     entry_meta,
     genesis_hash,
+    link_hash,
+    meta_prefix,
     parse_entry_id,
 )
 from compliance.records import AuditRecord, prepare
@@ -64,20 +67,33 @@ def test_hashed_columns_are_the_canonical_field_order() -> None:
     assert len(FIELDS) == len(HASHED_COLUMNS)
 
 
-def test_entry_hash_is_sha256_over_prev_canonical_meta_and_payload() -> None:
+def test_entry_hash_is_sha256_over_prev_and_the_leaf_of_meta_and_payload() -> None:
     prev = genesis_hash("w1")
-    assert prev == hashlib.sha256(b"bastion.audit.genesis.v1|w1").digest()
+    assert prev == hashlib.sha256(b"bastion.audit.genesis.v2|w1").digest()
     meta = entry_meta("w1", FIELDS)
     assert meta == (
-        b'["bastion.audit.entry.v1","w1",3,1760000000000000,"request","req-1",'
+        b'["bastion.audit.entry.v2","w1",3,1760000000000000,"request","req-1",'
         b'"0123456789abcdef","abababababababababababababababab","dev-model",'
         b'"/v1/chat/completions",200,12,30,120000,8000,"pass","watermarked z=4.10",'
         b'"{\\"a\\":1}",8]'
     )
-    assert entry_hash(prev, "w1", FIELDS) == hashlib.sha256(prev + meta + FIELDS[-1]).digest()
-    # The stable test vector: an external verifier must reproduce it.
-    golden = "5c35e56f50041c0743f34a9dc8b5f948b6b66c2f53644b8cc63fa758d3153e42"
+    leaf = entry_leaf("w1", FIELDS)
+    assert leaf == hashlib.sha256(meta + FIELDS[-1]).digest()
+    assert entry_hash(prev, "w1", FIELDS) == hashlib.sha256(prev + leaf).digest()
+    assert link_hash(prev, leaf) == entry_hash(prev, "w1", FIELDS)
+    # The stable test vectors (format v2): an external verifier must reproduce them.
+    assert leaf.hex() == "8ef51df8c4e2feef981147b9d377910de9d9cbbecd722a0dd084f3364e702561"
+    golden = "2de5e1957721f8d8bb9c27ca8c1b55c64359687535ce417eade16ddaa9e8777e"
     assert entry_hash(prev, "w1", FIELDS).hex() == golden
+
+
+def test_the_verifiers_meta_prefix_rebuilds_the_canonical_meta() -> None:
+    """The verifier serialises seq ... len(payload) and prepends the writer's prefix."""
+    for writer in ["w1", "gw-1.a_b"]:
+        for fields in [FIELDS, (*FIELDS[:-1], None)]:
+            rest = (*fields[:-1], None if fields[-1] is None else len(fields[-1]))
+            rebuilt = meta_prefix(writer) + orjson.dumps(rest)[1:]
+            assert rebuilt == entry_meta(writer, fields)
 
 
 def test_nothing_and_empty_are_different_and_every_field_counts() -> None:
