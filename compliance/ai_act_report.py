@@ -58,6 +58,8 @@ class SystemFacts:
     watermark_delta: float
     watermark_z_threshold: float
     events_shipped: bool = False
+    retention_interval_s: float = 0.0
+    """How often the gateway applies retention itself; 0: only ``bastion audit retention``."""
     guards: tuple[str, ...] = ()
     anomaly_detection: bool = False
     watermark_counter: Mapping[str, float] = field(default_factory=dict)
@@ -219,7 +221,7 @@ def _data(facts: SystemFacts) -> list[str]:
         f"- Payloads: {payloads}",
         "- Metadata in clear: time, request id, key id, subject pseudonym, model, route, "
         "status, token counts, latencies, guard and watermark verdicts",
-        f"- Retention: {facts.retention_days} days, enforced by `bastion audit retention`",
+        f"- Retention: {facts.retention_days} days, enforced {_retention_schedule(facts)}",
         f"- Events shipped to Elasticsearch: {'yes' if facts.events_shipped else 'no'}",
         "",
     ]
@@ -310,6 +312,14 @@ def _accuracy(figures: Figures) -> list[str]:
     return [*lines, ""]
 
 
+def _retention_schedule(facts: SystemFacts) -> str:
+    if facts.retention_interval_s <= 0:
+        return "only when `bastion audit retention` is run (the gateway's schedule is off)"
+    hours = facts.retention_interval_s / 3600
+    every = f"{hours:g} h" if hours >= 1 else f"{facts.retention_interval_s:g} s"
+    return f"by the gateway every {every} (one process at a time)"
+
+
 def open_gaps(facts: SystemFacts, figures: Figures) -> list[str]:
     gaps: list[str] = []
     if not facts.guards:
@@ -318,6 +328,8 @@ def open_gaps(facts: SystemFacts, figures: Figures) -> list[str]:
         gaps.append("Anomaly detection (Isolation Forest with SHAP reasons) is not implemented.")
     if facts.retention_days < MIN_RETENTION_DAYS:
         gaps.append(f"Log retention is below {MIN_RETENTION_DAYS} days.")
+    if facts.audit_enabled and facts.retention_interval_s <= 0:
+        gaps.append("Retention is not scheduled: run `bastion audit retention` regularly.")
     if not facts.watermark_enabled:
         gaps.append("Watermarking of generated text is off.")
     if not facts.audit_enabled:

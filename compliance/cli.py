@@ -1,4 +1,6 @@
-"""``bastion audit``: verify the log, apply retention, rotate the master key.
+"""``bastion audit``: verify the log, apply retention, rotate the master key; and
+``bastion compliance verify-receipt`` (:func:`verify_receipt_command`, registered on the
+``compliance`` sub-app by compliance/export_cli.py, which imports this module).
 
 Settings come from options, the ``BASTION_*`` environment, or the YAML file named by
 ``--config``/``BASTION_CONFIG`` (only its ``database_url`` and ``signing_key_file``), in
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -27,10 +30,12 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from compliance.chain import parse_entry_id
+from compliance.erasure_receipt import ReceiptInvalid, attestation, check_receipt
 from compliance.keyring import rotate_master_key
 from compliance.retention import DEFAULT_DAYS, apply_retention
 from compliance.signing import (
     SigningKeyError,
+    fingerprint,
     load_public_key,
     load_signing_key,
     public_key_pem,
@@ -71,8 +76,8 @@ SigningKeyOption = Annotated[
 ]
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    print(f"bastion audit: {message}", file=sys.stderr)
+def _fail(message: str, code: int = 2, command: str = "audit") -> NoReturn:
+    print(f"bastion {command}: {message}", file=sys.stderr)
     raise typer.Exit(code=code)
 
 
@@ -263,3 +268,47 @@ def rotate(
     if result.foreign:
         typer.echo(f"  {result.foreign:,} data key(s) are wrapped under neither key: left alone")
         raise typer.Exit(code=1)
+
+
+def verify_receipt_command(
+    file: Annotated[
+        Path, typer.Argument(dir_okay=False, help="The receipt (JSON), as erasure answered it.")
+    ],
+    public_key: Annotated[
+        Path | None,
+        typer.Option(
+            dir_okay=False,
+            help="The audit public key (PEM, `bastion audit public-key`); default: the "
+            "signing key's.",
+        ),
+    ] = None,
+    signing_key_file: SigningKeyOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Check a signed erasure receipt; exit 0 and say what it attests only if it holds."""
+    path = public_key or _signing_key_path(signing_key_file, config)
+    if path is None:
+        _fail(
+            "no key to check the signature with: give --public-key or BASTION_SIGNING_KEY_FILE",
+            command="compliance verify-receipt",
+        )
+    try:
+        key = load_public_key(path)
+        text = file.read_text(encoding="utf-8")
+    except SigningKeyError as exc:
+        _fail(str(exc), command="compliance verify-receipt")
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"cannot read {file}: {exc}", command="compliance verify-receipt")
+    try:
+        receipt = check_receipt(json.loads(text), key)
+    except json.JSONDecodeError:
+        typer.echo(f"{file}: INVALID: not an erasure receipt (not JSON)")
+        raise typer.Exit(code=1) from None
+    except ReceiptInvalid as exc:
+        typer.echo(f"{file}: INVALID: {exc}")
+        raise typer.Exit(code=1) from None
+    typer.echo(f"{file}: valid erasure receipt, signed by {fingerprint(key)}; it attests:")
+    for line in attestation(receipt):
+        typer.echo(f"  {line}")
+    if receipt.get("signer") != fingerprint(key):
+        typer.echo(f"  (its unsigned signer field reads {receipt.get('signer')!r})")

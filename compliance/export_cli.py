@@ -30,6 +30,7 @@ from compliance.cli import (
     SigningKeyOption,
     _engine,
     _signing_key_path,
+    verify_receipt_command,
 )
 from compliance.export_bundle import ExportError, ExportQuery, build_export, export_records
 from compliance.export_verify import bundle_size, verify_export
@@ -37,9 +38,10 @@ from compliance.keyring import KeyRing
 from compliance.signing import SigningKeyError, load_public_key, load_signing_key
 
 compliance_app = typer.Typer(
-    help="Signed exports of the audit log for auditors, and their offline check.",
+    help="Signed exports of the audit log for auditors, their offline check, erasure receipts.",
     no_args_is_help=True,
 )
+compliance_app.command("verify-receipt")(verify_receipt_command)
 err = Console(stderr=True)
 
 

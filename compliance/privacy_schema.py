@@ -59,4 +59,8 @@ requests = Table(
     Column("status", String(16), nullable=False),
     Column("status_reason", String(1024), nullable=True),
     Column("completed_us", BigInteger, nullable=True),
+    # How it came: None through the API; "letter", "email", "phone"... (migration 0004).
+    Column("channel", String(16), nullable=True),
+    # The officer's note on a request logged by hand; cleared by the subject's erasure.
+    Column("note", String(1024), nullable=True),
 )

@@ -9,13 +9,17 @@ chunk's last entry (the *anchor* the rest of the chain now starts from), deletes
 entries up to it and the checkpoints before it. A chain whose writer closed it and whose
 entries have all expired is removed whole, anchor included: nothing is left to verify.
 
+The gateway runs this on a schedule, one process at a time (gateway/retention_job.py,
+behind a lease in the database: compliance/job_lease.py); ``proceed`` lets such a caller
+stop between chunks, each of which is whole on its own.
+
 Default period: 90 days. The EU AI Act asks high-risk systems to keep logs for at least
 six months (Art. 19(1)); set ``days`` accordingly for those.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -47,6 +51,8 @@ class RetentionResult:
     anchors: int = 0
     refused: list[Problem] = field(default_factory=list)
     """Chains left alone because what would be deleted does not verify."""
+    stopped: bool = False
+    """``proceed`` said no: the run ended early, between two chunks."""
 
     @property
     def total(self) -> int:
@@ -62,11 +68,13 @@ def apply_retention(
     chunk: int = 10_000,
     other_public_keys: Iterable[Ed25519PublicKey] = (),
     dry_run: bool = False,
+    proceed: Callable[[], bool] | None = None,
 ) -> RetentionResult:
     """Delete entries older than ``days`` before ``now`` (µs since the epoch).
 
     ``other_public_keys``: earlier signing keys whose checkpoints are still trusted.
     With ``dry_run`` nothing is changed and ``deleted`` says what would go.
+    ``proceed`` is asked before each chunk is deleted; False ends the run there.
     """
     if days <= 0 or chunk < 1:
         raise ValueError("days must be positive and chunk at least 1")
@@ -93,6 +101,9 @@ def apply_retention(
         # A closed chain with nothing young left goes whole, with no anchor.
         closed = all_expired and any(c.kind == FINAL for c in signed.get(cut, []))
         while seq < cut:
+            if proceed is not None and not proceed():
+                result.stopped = True
+                return result
             end = min(seq + chunk, cut)
             with engine.connect() as connection:
                 walk = walk_chain(connection, writer, seq, head, signed, until_seq=end)

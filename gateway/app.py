@@ -38,6 +38,7 @@ from gateway.proxy import Forwarder
 from gateway.ratelimit import RateLimiter, build_rate_limiter
 from gateway.rbac import ModelPolicy
 from gateway.report_routes import ComplianceReports
+from gateway.retention_job import RetentionJob
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gateway.store import make_engine, migrate
 from gateway.tls import upstream_ssl_contexts
@@ -67,10 +68,12 @@ class BastionApp:
         master_key = load_master_key(settings)
         hasher = KeyHasher(derive_key(master_key, "api-key-pepper"))
         self.audit: AuditTrail | None = None
+        self.retention: RetentionJob | None = None
         signing_key = None
         if settings.audit.enabled:
             signing_key = load_audit_signing_key(settings)
             self.audit = AuditTrail(settings.audit, self.engine, master_key, signing_key)
+            self.retention = RetentionJob.configured(settings.audit, self.engine, signing_key)
         else:
             log.warning("audit.enabled is false: model calls are not recorded")
         self.key_store = KeyStore(self.engine, hasher)
@@ -171,6 +174,13 @@ class BastionApp:
             route(f"{subject}/legal-hold", privacy.set_legal_hold, "PUT", "privacy:manage"),
             route(f"{subject}/legal-hold", privacy.clear_legal_hold, "DELETE", "privacy:manage"),
             route("/privacy/requests", privacy.list_requests, "GET", "privacy:manage"),
+            route("/privacy/requests", privacy.log_request, "POST", "privacy:manage"),
+            route(
+                "/privacy/requests/{request_id}/complete",
+                privacy.complete_request,
+                "POST",
+                "privacy:manage",
+            ),
             route(
                 "/privacy/requests/{request_id}/extend",
                 privacy.extend_request,
@@ -193,6 +203,8 @@ class BastionApp:
         await asyncio.to_thread(migrate, self.engine)
         if self.audit is not None:
             await self.audit.start()
+        if self.retention is not None:
+            await self.retention.start()  # one process at a time runs it: a lease in the store
         await asyncio.to_thread(self.key_cache.load)
         self.key_cache.start()
         await self.restrictions.start()
@@ -202,6 +214,8 @@ class BastionApp:
         try:
             yield
         finally:
+            if self.retention is not None:
+                await self.retention.stop()
             await self.health.stop()
             await self.key_cache.stop()
             await self.restrictions.stop()

@@ -256,7 +256,11 @@ class AuditSettings(Section):
     queue_size: int = Field(default=10_000, ge=1)
     """Entries waiting for their commit; a full queue makes new calls wait (backpressure)."""
     retention_days: int = Field(default=90, ge=1)
-    """``bastion audit retention`` removes older entries (the EU AI Act asks for >= 180)."""
+    """Older entries are removed (the EU AI Act asks for >= 180): by the gateway on its
+    schedule, and by ``bastion audit retention``."""
+    retention_interval_s: float = Field(default=3600.0, ge=0)
+    """How often the gateway applies retention (one process of all those sharing the
+    database at a time, behind a lease); 0: never, run ``bastion audit retention``."""
 
 
 class StoreSettings(BaseSettings):

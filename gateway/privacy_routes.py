@@ -10,11 +10,17 @@ the subject's pseudonym; made afterwards it would create a new data key linked t
 subject), then the subject's API keys are revoked and unlinked, the profile and flags
 deleted with a tombstone left, and the data key destroyed (crypto-shredding). The answer
 is a receipt signed with the audit signing key.
+
+The access export is streamed: its audit entries are read, decrypted and sent a page at a
+time (compliance/subject_export.py), however many there are.
+
+The ledger's routes (``/privacy/requests``) are in gateway/privacy_requests.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -25,36 +31,30 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import func
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from compliance.audit_writer import AuditWriteError, AuditWriterClosed
 from compliance.erasure_receipt import sign_receipt
 from compliance.keyring import KeyRing, subject_owner
-from compliance.privacy_ledger import BLOCKED, ExtensionRefused, RequestLedger
+from compliance.privacy_ledger import BLOCKED, RequestLedger
 from compliance.privacy_store import PrivacyStore, restricted_subjects, subject_ref
 from compliance.processing_record import subject_information
-from compliance.reader import AuditReader, PayloadUnavailable
 from compliance.records import SUBJECT_ERASED, AuditRecord, now_us
+from compliance.subject_export import PAGE_SIZE, json_document, subject_entries
 from gateway.asgi import Receive, Scope, Send, read_body, request_id_of
 from gateway.audit_trail import AuditTrail, AuditUnavailable
 from gateway.compliance_routes import processing_facts
 from gateway.config import Settings
-from gateway.errors import Forbidden, GatewayError, InvalidRequest, NotFound, ServiceUnavailable
+from gateway.errors import Forbidden, InvalidRequest, ServiceUnavailable
 from gateway.keys import KeyCache
 from gateway.middleware.auth import Guarded, principal_of
+from gateway.privacy_requests import Conflict, LedgerRoutes, Reason
 from gateway.rbac import Principal
 from gateway.schemas import parse_json_model
 from gateway.store import ApiKeyRow
 
 log = logging.getLogger("bastion.privacy")
 BODY_LIMIT = 64 * 1024
-EXPORT_ENTRY_LIMIT = 100_000
-
-
-class Conflict(GatewayError):
-    status = 409
-    type = "invalid_request_error"
-    code = "conflict"
 
 
 class SubjectRestricted(Forbidden):
@@ -129,12 +129,6 @@ class Rectification(BaseModel):
     note: str | None = Field(default=None, max_length=512)
 
 
-class Reason(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    reason: str = Field(default="", max_length=512)
-
-
 class DoNotSell(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -173,7 +167,7 @@ class PrivacyRoutes:
         self._settings = settings
         self._engine = engine
         self._keyring = KeyRing(engine, master_key)
-        self._reader = AuditReader(engine, self._keyring)
+        self.export_page = PAGE_SIZE
         self._tombstone_key = tombstone_key
         self._signing_key = signing_key
         self._audit = audit
@@ -181,6 +175,14 @@ class PrivacyRoutes:
         self._restrictions = restrictions
         self.store = PrivacyStore(engine)
         self.ledger = ledger or RequestLedger(engine)
+        # The ledger's own routes (gateway/privacy_requests.py), by the names app.py wires.
+        self.requests = LedgerRoutes(
+            self.ledger, self.store, tombstone_key, self._record, self._body
+        )
+        self.list_requests = self.requests.list
+        self.log_request = self.requests.log
+        self.complete_request = self.requests.complete
+        self.extend_request = self.requests.extend
 
     async def _record(
         self, request: Request, kind: str, subject: str | None, detail: dict[str, Any]
@@ -220,27 +222,25 @@ class PrivacyRoutes:
             return JSONResponse({"subject": subject, "erased": True, "erasure_receipt": receipt})
         row = await asyncio.to_thread(self.ledger.open, "access", subject)
         await self._record(request, "subject.accessed", subject, {"ledger": row.id})
-        document = await asyncio.to_thread(self._export, subject)
-        await asyncio.to_thread(self.ledger.close, row.id)
-        rows = await asyncio.to_thread(self.ledger.list, subject_id=subject)
-        document["requests"] = [r.as_json() for r in rows]
-        return JSONResponse(document)
+        head = await asyncio.to_thread(self._export_head, subject)
+        pages = subject_entries(self._engine, self._keyring, subject, page_size=self.export_page)
+        # The first page before the answer starts: a failure there is still a clean error.
+        first = await asyncio.to_thread(next, pages)
 
-    def _export(self, subject: str) -> dict[str, Any]:
+        def tail() -> dict[str, Any]:  # once every entry is out: the request is answered
+            self.ledger.close(row.id)
+            return {"requests": [r.as_json() for r in self.ledger.list(subject_id=subject)]}
+
+        # A sync iterator: Starlette draws each piece in a worker thread, off the loop.
+        body = json_document(head, "audit_entries", itertools.chain([first], pages), tail)
+        return StreamingResponse(body, media_type="application/json")
+
+    def _export_head(self, subject: str) -> dict[str, Any]:
         with Session(self._engine) as session:
             keys = session.scalars(
                 select(ApiKeyRow).where(ApiKeyRow.subject_id == subject).order_by(ApiKeyRow.id)
             )
             api_keys = [_key_json(k) for k in keys]
-        audit_entries = []
-        for entry in self._reader.entries(subject_id=subject, limit=EXPORT_ENTRY_LIMIT):
-            item = entry.as_json()
-            if entry.payload is not None:
-                try:
-                    item["payload"] = self._reader.payload(entry)
-                except PayloadUnavailable as exc:
-                    item["payload_unavailable"] = exc.reason
-            audit_entries.append(item)
         return {
             "format": "bastion.subject-export.v1",
             "generated_at": datetime.now(UTC).isoformat(),
@@ -249,7 +249,6 @@ class PrivacyRoutes:
             "profile_history": self.store.profile_history(subject),
             "flags": self.store.flags(subject).as_json(),
             "api_keys": api_keys,
-            "audit_entries": audit_entries,
             "information": subject_information(processing_facts(self._settings)),
         }
 
@@ -396,24 +395,3 @@ class PrivacyRoutes:
         flags = await asyncio.to_thread(self.store.set_flags, subject, legal_hold=None)
         await self._record(request, "subject.legal_hold", subject, {"set": False})
         return JSONResponse({"subject": subject, **flags.as_json()})
-
-    # -- the ledger (Art. 12(3)) ---------------------------------------------------------
-
-    async def list_requests(self, request: Request) -> Response:
-        params = request.query_params
-        rows = await asyncio.to_thread(
-            self.ledger.list, subject_id=params.get("subject"), status=params.get("status")
-        )
-        return JSONResponse({"object": "list", "data": [r.as_json() for r in rows]})
-
-    async def extend_request(self, request: Request) -> Response:
-        request_id = request.path_params["request_id"]
-        spec: Reason = await self._body(request, Reason)
-        try:
-            row = await asyncio.to_thread(self.ledger.extend, request_id, spec.reason)
-        except KeyError:
-            raise NotFound(f"There is no request '{request_id}'.") from None
-        except ExtensionRefused as exc:
-            raise Conflict(f"Extension refused: {exc}.", code="extension_refused") from exc
-        await self._record(request, "privacy.request_extended", None, {"ledger": row.id})
-        return JSONResponse(row.as_json())

@@ -174,6 +174,7 @@ class ComplianceReports:
             audit_enabled=s.audit.enabled,
             audit_payloads=s.audit.payloads,
             retention_days=s.audit.retention_days,
+            retention_interval_s=s.audit.retention_interval_s,
             checkpoint_every_entries=s.audit.checkpoint_every_entries,
             checkpoint_every_s=s.audit.checkpoint_every_s,
             database=self._engine.dialect.name,

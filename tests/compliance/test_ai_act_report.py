@@ -86,6 +86,16 @@ def test_retention_below_six_months_is_warned(engine: Engine) -> None:
     assert "n/a (no data)" in long
 
 
+def test_the_retention_schedule_is_reported_and_its_absence_is_a_gap(engine: Engine) -> None:
+    figures = measure(engine, days=7)
+    scheduled = render_markdown(replace(FACTS, retention_interval_s=3600), figures, now_us())
+    assert "Retention: 90 days, enforced by the gateway every 1 h" in scheduled
+    assert "Retention is not scheduled" not in scheduled
+    manual = render_markdown(replace(FACTS, retention_interval_s=0), figures, now_us())
+    assert "only when `bastion audit retention` is run" in manual
+    assert "- Retention is not scheduled: run `bastion audit retention` regularly." in manual
+
+
 def test_html_is_well_formed_and_escaped(engine: Engine, make_appender: AppenderFactory) -> None:
     known_entries(make_appender)
     page = render_html(render_markdown(FACTS, measure(engine), now_us()))

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from tests.support import (
 from tests.watermarking import build_tokenizer
 
 MASTER_KEY = base64.b64encode(b"k" * 32).decode()
+TODAY = datetime.now(UTC).date().isoformat()
 ROLES = list(ROLE_PERMISSIONS)
 
 
@@ -143,6 +145,13 @@ ROUTES: list[tuple[str, str, dict[str, Any] | None, str]] = [
     ("DELETE", "/privacy/subjects/matrix-subject/legal-hold", None, "privacy:manage"),
     ("DELETE", "/privacy/subjects/matrix-subject", None, "privacy:manage"),
     ("GET", "/privacy/requests", None, "privacy:manage"),
+    (
+        "POST",
+        "/privacy/requests",
+        {"subject": "matrix-subject", "right": "objection", "received": TODAY, "channel": "letter"},
+        "privacy:manage",
+    ),
+    ("POST", "/privacy/requests/ffffffffffffffff/complete", {}, "privacy:manage"),
     ("POST", "/privacy/requests/ffffffffffffffff/extend", {"reason": "r"}, "privacy:manage"),
 ]
 # Concrete path parts in ROUTES and the route templates they stand for.
