@@ -279,9 +279,11 @@ class MemoryRateLimiter:
 # the key, applied first: corrections ride along with the next check instead of costing
 # a round trip each.
 # Returns {allowed (0|1), requests level, tokens level}; levels as strings, because Redis
-# truncates Lua numbers to integers in replies.
+# truncates Lua numbers to integers in replies (tostring: 14 significant digits, plenty for
+# the headers). Levels are stored by passing the numbers to HSET, which writes them exactly
+# (Redis 7: shortest round-trip form; 6: %.17g): string.format in Lua cost about a third of
+# the script's 30 µs inside Redis.
 _SCRIPT = """
-local function fmt(x) return string.format('%.17g', x) end
 local op = ARGV[1]
 local cost = tonumber(ARGV[2])
 local cap_r = tonumber(ARGV[3])
@@ -311,9 +313,9 @@ if op == 'check' then
     t = t - cost
   else
     if pending ~= 0 then
-      redis.call('HSET', KEYS[1], 'r', fmt(r), 't', fmt(t), 'at', fmt(now))
+      redis.call('HSET', KEYS[1], 'r', r, 't', t, 'at', now)
     end
-    return {0, fmt(r), fmt(t)}
+    return {0, tostring(r), tostring(t)}
   end
 else
   t = math.min(cap_t, t - cost)
@@ -321,9 +323,9 @@ end
 -- Expire when both buckets are full again: a missing key means full buckets.
 local ttl = math.max((cap_r - r) / rate_r, (cap_t - t) / rate_t) * 1000 + 1000
 ttl = math.min(math.ceil(ttl), 86400000)
-redis.call('HSET', KEYS[1], 'r', fmt(r), 't', fmt(t), 'at', fmt(now))
+redis.call('HSET', KEYS[1], 'r', r, 't', t, 'at', now)
 redis.call('PEXPIRE', KEYS[1], string.format('%d', ttl))
-return {1, fmt(r), fmt(t)}
+return {1, tostring(r), tostring(t)}
 """
 _SCRIPT_SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
 
