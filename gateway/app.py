@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -211,9 +212,16 @@ class BastionApp:
         if self.settings.health_check.enabled:
             await self.health.probe_all()
             self.health.start()
+        # What start-up built (settings, tables, models, tokenizers, SQLAlchemy, pydantic)
+        # lives as long as the process. Frozen, it is out of the collector's sight, so a
+        # full collection walks only what requests allocate: measured (bench/README.md),
+        # p99 at 32 connections 115 ms -> 10-14 ms and throughput +6 %.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
+            gc.unfreeze()  # collectable again once the app stops (tests run many apps)
             if self.retention is not None:
                 await self.retention.stop()
             await self.health.stop()
