@@ -46,15 +46,20 @@ def _text_size(value: Any) -> int:
 
 def estimate_tokens(body: dict[str, Any]) -> int:
     """Prompt tokens (from characters) plus the completion tokens the request may use."""
-    if "messages" in body:
-        messages = body["messages"]
-        chars = sum(_text_size(m.get("content")) for m in messages if isinstance(m, dict))
+    messages = body.get("messages")
+    if messages is not None:
+        chars = 0
+        for message in messages:
+            if isinstance(message, dict):
+                content = message.get("content")
+                # Plain text, the usual case, without _text_size's walk.
+                chars += len(content) if type(content) is str else _text_size(content)
         prompt = chars // CHARS_PER_TOKEN + TOKENS_PER_MESSAGE * len(messages)
     else:
         prompt = _text_size(body.get("prompt", body.get("input"))) // CHARS_PER_TOKEN
     budget = body.get("max_completion_tokens") or body.get("max_tokens") or 0
     n = body.get("n") or 1
-    completion = budget * n if isinstance(budget, int) and isinstance(n, int) else 0
+    completion = budget * n if type(budget) is int and type(n) is int else 0
     return max(1, prompt + completion)
 
 
