@@ -44,25 +44,22 @@ class Admission:
             raise Forbidden(
                 f"Your key is not allowed to use the model '{model}'.", code="model_not_allowed"
             )
-        reserved = 0
-        headers: list[tuple[bytes, bytes]] = []
-        if self._limiter is not None:
-            reserved = estimate_tokens(body)
-            decision = await self._limiter.check(principal.key_id, reserved)
-            if not decision.allowed:
-                headers = decision.headers()
-                if decision.degraded:
-                    raise RateLimiterUnavailable("Rate limiting is unavailable; try again.")
-                raise RateLimited(
-                    "Rate limit reached for your key: "
-                    f"{decision.limit_requests} requests and {decision.limit_tokens} tokens "
-                    "allowed; see the x-ratelimit-* headers.",
-                    headers,
-                )
-            if self._headers_always:
-                headers = decision.headers()
-        priority = self._tiers.get(principal.tier)
-        return Admitted(reserved, headers, priority or None)
+        priority = self._tiers.get(principal.tier) or None
+        if self._limiter is None:
+            return Admitted(0, [], priority)
+        reserved = estimate_tokens(body)
+        decision = await self._limiter.check(principal.key_id, reserved)
+        if decision.allowed:
+            return Admitted(reserved, decision.headers() if self._headers_always else [], priority)
+        headers = decision.headers()
+        if decision.degraded:
+            raise RateLimiterUnavailable("Rate limiting is unavailable; try again.")
+        raise RateLimited(
+            "Rate limit reached for your key: "
+            f"{decision.limit_requests} requests and {decision.limit_tokens} tokens "
+            "allowed; see the x-ratelimit-* headers.",
+            headers,
+        )
 
     async def settle(self, principal: Principal, admitted: Admitted, usage: Usage | None) -> None:
         """Replace the estimate by the real count (nothing is known: keep the estimate)."""

@@ -21,14 +21,14 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from redis.exceptions import NoScriptError
 
 from gateway.config import RateLimitSettings
-from gateway.redis_wire import PipelinedRedis
+from gateway.redis_wire import PipelinedRedis, bulk
 from monitors.metrics import RATELIMIT_BACKEND_ERRORS, RATELIMIT_BACKEND_UP
 
 log = logging.getLogger("bastion.ratelimit")
@@ -48,6 +48,15 @@ class Limits:
     request_rate: float
     token_capacity: int
     token_rate: float
+    limit_requests_header: tuple[bytes, bytes] = field(init=False, repr=False, compare=False)
+    limit_tokens_header: tuple[bytes, bytes] = field(init=False, repr=False, compare=False)
+    """``x-ratelimit-limit-*``: the same on every answer, so made once."""
+
+    def __post_init__(self) -> None:
+        limit_requests = (b"x-ratelimit-limit-requests", b"%d" % self.request_capacity)
+        limit_tokens = (b"x-ratelimit-limit-tokens", b"%d" % self.token_capacity)
+        object.__setattr__(self, "limit_requests_header", limit_requests)
+        object.__setattr__(self, "limit_tokens_header", limit_tokens)
 
     @classmethod
     def from_settings(cls, settings: RateLimitSettings) -> Limits:
@@ -62,9 +71,12 @@ class Limits:
         )
 
 
-@dataclass(slots=True)
 class RateDecision:
-    """The verdict on one request, with the figures behind OpenAI's rate-limit headers.
+    """The verdict on one request, and both buckets' levels behind OpenAI's headers.
+
+    It keeps the levels after the check (after charging, when allowed); the figures of
+    the headers are worked out only when asked for, since the request path usually
+    needs nothing but ``allowed`` and :meth:`headers`.
 
     ``degraded`` is true when the backend could not be asked and the configured failure
     mode decided instead: allowed (open) or refused (closed). A refused degraded
@@ -72,18 +84,67 @@ class RateDecision:
     report full buckets, since the real levels are unknown.
     """
 
-    allowed: bool
-    limit_requests: int
-    remaining_requests: int
-    reset_requests_s: float
-    """Seconds until the requests bucket is full again."""
-    limit_tokens: int
-    remaining_tokens: int
-    reset_tokens_s: float
-    """Seconds until the tokens bucket is full again."""
-    retry_after_s: float
-    """When refused: seconds until this request would be allowed; 0 when allowed."""
-    degraded: bool = False
+    __slots__ = ("allowed", "degraded", "limits", "need", "requests", "tokens")
+
+    def __init__(
+        self,
+        limits: Limits,
+        allowed: bool,
+        requests: float,
+        tokens: float,
+        need: float,
+        degraded: bool = False,
+    ) -> None:
+        self.limits = limits
+        self.allowed = allowed
+        self.requests = requests
+        """The requests bucket's level."""
+        self.tokens = tokens
+        """The tokens bucket's level (negative while a key pays back a debt)."""
+        self.need = need
+        """The tokens this request needed the bucket to hold."""
+        self.degraded = degraded
+
+    @property
+    def limit_requests(self) -> int:
+        return self.limits.request_capacity
+
+    @property
+    def limit_tokens(self) -> int:
+        return self.limits.token_capacity
+
+    @property
+    def remaining_requests(self) -> int:
+        return _whole(self.requests)
+
+    @property
+    def remaining_tokens(self) -> int:
+        return _whole(self.tokens)
+
+    @property
+    def reset_requests_s(self) -> float:
+        """Seconds until the requests bucket is full again."""
+        limits = self.limits
+        return max(0.0, (limits.request_capacity - self.requests) / limits.request_rate)
+
+    @property
+    def reset_tokens_s(self) -> float:
+        """Seconds until the tokens bucket is full again."""
+        limits = self.limits
+        return max(0.0, (limits.token_capacity - self.tokens) / limits.token_rate)
+
+    @property
+    def retry_after_s(self) -> float:
+        """When refused: seconds until this request would be allowed; 0 when allowed."""
+        if self.allowed:
+            return 0.0
+        if self.degraded:
+            return 1.0  # the backend is left alone for less than that
+        limits, requests, tokens, need = self.limits, self.requests, self.tokens, self.need
+        return max(
+            (1.0 - requests) / limits.request_rate if requests < 1.0 else 0.0,
+            (need - tokens) / limits.token_rate if tokens < need else 0.0,
+        )
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """OpenAI's ``x-ratelimit-*`` headers, plus ``retry-after`` when refused.
@@ -91,13 +152,27 @@ class RateDecision:
         ``retry-after-ms`` (read first by the official clients) goes with ``retry-after``
         so that a client waits 200 ms rather than a whole second.
         """
+        # On every answer: what _whole and format_reset do, written out (calls cost).
+        limits, requests, tokens = self.limits, self.requests, self.tokens
+        reset_requests = (limits.request_capacity - requests) / limits.request_rate
+        ms = int(reset_requests * 1000.0 + 0.9995) if reset_requests > 0.0 else 0
+        reset_requests_bytes = b"%dms" % ms if 0 < ms < 1000 else _format_ms(ms).encode()
+        reset_tokens = (limits.token_capacity - tokens) / limits.token_rate
+        ms = int(reset_tokens * 1000.0 + 0.9995) if reset_tokens > 0.0 else 0
+        reset_tokens_bytes = b"%dms" % ms if 0 < ms < 1000 else _format_ms(ms).encode()
         headers = [
-            (b"x-ratelimit-limit-requests", b"%d" % self.limit_requests),
-            (b"x-ratelimit-remaining-requests", b"%d" % self.remaining_requests),
-            (b"x-ratelimit-reset-requests", _reset_bytes(self.reset_requests_s)),
-            (b"x-ratelimit-limit-tokens", b"%d" % self.limit_tokens),
-            (b"x-ratelimit-remaining-tokens", b"%d" % self.remaining_tokens),
-            (b"x-ratelimit-reset-tokens", _reset_bytes(self.reset_tokens_s)),
+            limits.limit_requests_header,
+            (
+                b"x-ratelimit-remaining-requests",
+                b"%d" % (int(requests + _EPSILON) if requests > 0.0 else 0),
+            ),
+            (b"x-ratelimit-reset-requests", reset_requests_bytes),
+            limits.limit_tokens_header,
+            (
+                b"x-ratelimit-remaining-tokens",
+                b"%d" % (int(tokens + _EPSILON) if tokens > 0.0 else 0),
+            ),
+            (b"x-ratelimit-reset-tokens", reset_tokens_bytes),
         ]
         if not self.allowed:
             wait_ms = max(1, _ceil_ms(self.retry_after_s))
@@ -106,17 +181,15 @@ class RateDecision:
         return headers
 
 
+def _whole(level: float) -> int:
+    """What a header reports of a bucket's level: whole units, never below 0."""
+    return int(level + _EPSILON) if level > 0.0 else 0
+
+
 def _ceil_ms(seconds: float) -> int:
-    # Rounded to the microsecond first: 0.07 * 1000 is 70.00000000000001, not 71 ms.
-    return max(0, math.ceil(round(seconds * 1000, 3)))
-
-
-def _reset_bytes(seconds: float) -> bytes:
-    # The common case on the request path, a bucket refilled within a second, without
-    # format_reset's general formatting.
-    if 0.0 < seconds < 0.999:
-        return b"%dms" % math.ceil(round(seconds * 1000, 3))
-    return format_reset(seconds).encode()
+    """Rounded up to the millisecond, ignoring what is below a microsecond (0.07 s is
+    70.00000000000001 ms, not 71)."""
+    return int(seconds * 1000.0 + 0.9995) if seconds > 0.0 else 0
 
 
 def format_reset(seconds: float) -> str:
@@ -124,8 +197,11 @@ def format_reset(seconds: float) -> str:
 
     Rounded up to the millisecond: a client waiting that long finds the bucket refilled.
     """
-    ms = _ceil_ms(seconds)
-    if ms == 0:
+    return _format_ms(_ceil_ms(seconds))
+
+
+def _format_ms(ms: int) -> str:
+    if ms <= 0:
         return "0s"
     if ms < 1000:
         return f"{ms}ms"
@@ -137,28 +213,6 @@ def format_reset(seconds: float) -> str:
     if minutes:
         return f"{minutes}m{secs}s"
     return f"{secs}s"
-
-
-def _decide(
-    limits: Limits, allowed: bool, requests: float, tokens: float, need: float
-) -> RateDecision:
-    """The decision from both levels after the check (after charging, when allowed)."""
-    retry_after = 0.0
-    if not allowed:
-        retry_after = max(
-            (1.0 - requests) / limits.request_rate if requests < 1.0 else 0.0,
-            (need - tokens) / limits.token_rate if tokens < need else 0.0,
-        )
-    return RateDecision(
-        allowed=allowed,
-        limit_requests=limits.request_capacity,
-        remaining_requests=max(0, math.floor(requests + _EPSILON)),
-        reset_requests_s=max(0.0, (limits.request_capacity - requests) / limits.request_rate),
-        limit_tokens=limits.token_capacity,
-        remaining_tokens=max(0, math.floor(tokens + _EPSILON)),
-        reset_tokens_s=max(0.0, (limits.token_capacity - tokens) / limits.token_rate),
-        retry_after_s=retry_after,
-    )
 
 
 class RateLimiter(Protocol):
@@ -194,39 +248,25 @@ class MemoryRateLimiter:
     """Buckets in this process; ``clock`` (seconds, monotonic) is injectable for tests.
 
     A key missing from the table has full buckets, so a key whose buckets are full again
-    is dropped: each call looks at the two oldest entries, drops the full ones and moves
-    the rest to the back. Memory follows the keys active in the last minute or so, not
-    every key ever seen, at O(1) cost per call.
+    may be dropped. Once the table holds more than ``keep`` keys, each call looks at the
+    two oldest entries, drops the full ones and moves the rest to the back: memory then
+    follows the keys active in the last minute or so, not every key ever seen, at O(1)
+    cost per call; below ``keep`` keys (a few hundred kilobytes) nothing is looked at.
     """
 
     def __init__(
-        self, settings: RateLimitSettings, clock: Callable[[], float] = time.monotonic
+        self,
+        settings: RateLimitSettings,
+        clock: Callable[[], float] = time.monotonic,
+        keep: int = 4096,
     ) -> None:
         self.limits = Limits.from_settings(settings)
         self._clock = clock
+        self._keep = keep
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._buckets)
-
-    def _refill(self, bucket: _Bucket, now: float) -> None:
-        elapsed = max(0.0, now - bucket.at)
-        limits = self.limits
-        bucket.requests = min(
-            limits.request_capacity, bucket.requests + elapsed * limits.request_rate
-        )
-        bucket.tokens = min(limits.token_capacity, bucket.tokens + elapsed * limits.token_rate)
-        bucket.at = max(bucket.at, now)
-
-    def _bucket(self, key_id: str, now: float) -> _Bucket:
-        bucket = self._buckets.get(key_id)
-        if bucket is None:
-            limits = self.limits
-            bucket = _Bucket(limits.request_capacity, limits.token_capacity, now)
-            self._buckets[key_id] = bucket
-        else:
-            self._refill(bucket, now)
-        return bucket
 
     def _evict_some(self, now: float) -> None:
         buckets = self._buckets
@@ -248,8 +288,7 @@ class MemoryRateLimiter:
                 buckets.move_to_end(key_id)
 
     async def check(self, key_id: str, tokens: int) -> RateDecision:
-        # The request path: refill, decide and charge in one function (what _bucket and
-        # _refill do, inlined: the limiter was about 10 % of a request's CPU).
+        # The request path: refill, decide and charge in one function.
         now = self._clock()
         limits = self.limits
         buckets = self._buckets
@@ -276,15 +315,28 @@ class MemoryRateLimiter:
             bucket.tokens = level
             if now > bucket.at:
                 bucket.at = now
-        self._evict_some(now)
-        return _decide(limits, allowed, requests, level, need)
+        if len(buckets) > self._keep:
+            self._evict_some(now)
+        return RateDecision(limits, allowed, requests, level, need)
 
     async def adjust(self, key_id: str, delta_tokens: int) -> None:
-        if delta_tokens == 0 or (delta_tokens < 0 and key_id not in self._buckets):
+        bucket = self._buckets.get(key_id)
+        if delta_tokens == 0 or (delta_tokens < 0 and bucket is None):
             return  # nothing to charge, or tokens given back to a bucket that is full
         now = self._clock()
-        bucket = self._bucket(key_id, now)
-        bucket.tokens = min(self.limits.token_capacity, bucket.tokens - delta_tokens)
+        limits = self.limits
+        if bucket is None:
+            bucket = _Bucket(limits.request_capacity, limits.token_capacity, now)
+            self._buckets[key_id] = bucket
+        else:  # refilled up to now first
+            elapsed = now - bucket.at
+            if elapsed > 0.0:
+                requests = bucket.requests + elapsed * limits.request_rate
+                tokens = bucket.tokens + elapsed * limits.token_rate
+                bucket.requests = min(limits.request_capacity, requests)
+                bucket.tokens = min(limits.token_capacity, tokens)
+                bucket.at = now
+        bucket.tokens = min(limits.token_capacity, bucket.tokens - delta_tokens)
 
     async def aclose(self) -> None:
         self._buckets.clear()
@@ -352,7 +404,11 @@ _LOG_EVERY_S = 30.0
 
 
 class ScriptClient(Protocol):
-    """What the limiter needs of a Redis client (redis-py's ``Redis`` or ours)."""
+    """What the limiter needs of a Redis client (redis-py's ``Redis`` or ours).
+
+    A client that also has ``send_command(command: bytes)`` (ours) is sent the EVALSHA
+    as bytes, most of them encoded once: the same call for a fraction of the CPU.
+    """
 
     async def evalsha(self, sha: str, numkeys: int, *args: Any) -> Any: ...
 
@@ -398,21 +454,25 @@ class RedisRateLimiter:
         self._clock = clock
         limits = self.limits
         self._limit_args = (
-            limits.request_capacity,
-            repr(limits.request_rate),
-            limits.token_capacity,
-            repr(limits.token_rate),
+            b"%d" % limits.request_capacity,
+            repr(limits.request_rate).encode(),
+            b"%d" % limits.token_capacity,
+            repr(limits.token_rate).encode(),
         )
-        open_ = self.failure_mode == "open"
+        # EVALSHA sha 1 key op cost <the four limits> pending (11 strings): what never changes,
+        # encoded once (see command()).
+        self._send_command: Callable[[bytes], Awaitable[Any]] | None = getattr(
+            client, "send_command", None
+        )
+        self._command_head = b"*11\r\n" + bulk(b"EVALSHA") + bulk(_SCRIPT_SHA.encode()) + bulk(b"1")
+        self._command_limits = b"".join(bulk(arg) for arg in self._limit_args)
+        self._ops = {b"check": bulk(b"check"), b"adjust": bulk(b"adjust")}
         self._fallback = RateDecision(
-            allowed=open_,
-            limit_requests=limits.request_capacity,
-            remaining_requests=limits.request_capacity,
-            reset_requests_s=0.0,
-            limit_tokens=limits.token_capacity,
-            remaining_tokens=limits.token_capacity,
-            reset_tokens_s=0.0,
-            retry_after_s=0.0 if open_ else 1.0,
+            limits,
+            allowed=self.failure_mode == "open",
+            requests=limits.request_capacity,
+            tokens=limits.token_capacity,
+            need=0,
             degraded=True,
         )
         self._pending: dict[str, int] = {}
@@ -444,12 +504,16 @@ class RedisRateLimiter:
         if self._skip_until and self._clock() < self._skip_until:
             return None
         key = self.prefix + key_id
-        args = (key, op, cost, *self._limit_args, pending)
         try:
             try:
-                reply = await self._client.evalsha(_SCRIPT_SHA, 1, *args)
+                if self._send_command is not None:
+                    reply = await self._send_command(self.command(op, key, cost, pending))
+                else:
+                    args = (key, op, cost, *self._limit_args, pending)
+                    reply = await self._client.evalsha(_SCRIPT_SHA, 1, *args)
             except NoScriptError:
                 # First use on this server, or it restarted: EVAL runs and caches it.
+                args = (key, op, cost, *self._limit_args, pending)
                 reply = await self._client.eval(_SCRIPT, 1, *args)
             allowed, requests, tokens = reply
             result = (allowed == 1, float(requests), float(tokens))
@@ -458,8 +522,26 @@ class RedisRateLimiter:
             # answered by the failure mode, counted and logged, not turned into 500s.
             self._failed(exc)
             return None
-        self._succeeded()
+        if self._up is not True or self._skip_until:
+            self._succeeded()
         return result
+
+    def command(self, op: bytes, key: str, cost: int, pending: int) -> bytes:
+        """The script's EVALSHA in RESP, as ``encode_command`` would write it."""
+        key_bytes = key.encode()
+        cost_bytes = b"%d" % cost
+        pending_bytes = b"%d" % pending
+        return b"%s$%d\r\n%s\r\n%s$%d\r\n%s\r\n%s$%d\r\n%s\r\n" % (
+            self._command_head,
+            len(key_bytes),
+            key_bytes,
+            self._ops[op],
+            len(cost_bytes),
+            cost_bytes,
+            self._command_limits,
+            len(pending_bytes),
+            pending_bytes,
+        )
 
     def _failed(self, exc: Exception) -> None:
         now = self._clock()
@@ -498,7 +580,8 @@ class RedisRateLimiter:
                 self._note(key_id, pending)  # not applied: keep it for later
             return self._fallback
         allowed, requests, level = result
-        return _decide(self.limits, allowed, requests, level, min(cost, self.limits.token_capacity))
+        limits = self.limits
+        return RateDecision(limits, allowed, requests, level, min(cost, limits.token_capacity))
 
     async def adjust(self, key_id: str, delta_tokens: int) -> None:
         if delta_tokens != 0:

@@ -32,14 +32,30 @@ def encode_command(*args: str | int | float | bytes) -> bytes:
     """A command as a RESP array of bulk strings."""
     out = [b"*%d\r\n" % len(args)]
     for arg in args:
-        if isinstance(arg, bytes):
+        kind = type(arg)
+        if kind is bytes:
             data = arg
+        elif kind is str:
+            data = arg.encode()  # type: ignore[union-attr]
+        elif kind is int:
+            data = b"%d" % arg
+        elif kind is float:
+            data = repr(arg).encode()
+        elif isinstance(arg, (bytes, bytearray)):
+            data = bytes(arg)
         elif isinstance(arg, str):
             data = arg.encode()
+        elif isinstance(arg, int):
+            data = b"%d" % arg
         else:
-            data = repr(arg).encode() if isinstance(arg, float) else b"%d" % arg
+            raise TypeError(f"cannot send a {kind.__name__} to Redis")
         out.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(out)
+
+
+def bulk(data: bytes) -> bytes:
+    """One RESP bulk string (commands made of parts encoded ahead of time)."""
+    return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
 def _as_exception(error: hiredis.ReplyError) -> ResponseError:
@@ -186,20 +202,34 @@ class PipelinedRedis:
             return protocol
 
     async def _send(self, protocol: _RespProtocol, *args: str | int | float | bytes) -> Any:
+        return await self._submit(protocol, encode_command(*args))
+
+    def _submit(self, protocol: _RespProtocol, command: bytes) -> asyncio.Future[Any]:
         if protocol.lost or protocol.transport is None:
             raise RedisConnectionError("Connection to Redis lost.")
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        protocol.request(encode_command(*args), waiter, self._timeout_s)
-        return await waiter
+        protocol.request(command, waiter, self._timeout_s)
+        return waiter
 
     async def execute(self, *args: str | int | float | bytes) -> Any:
-        return await self._send(await self._connection(), *args)
+        protocol = self._protocol
+        if protocol is None or protocol.lost:
+            protocol = await self._connection()
+        return await self._submit(protocol, encode_command(*args))
+
+    async def send_command(self, command: bytes) -> Any:
+        """Send a command already in RESP form (:func:`encode_command`, or parts of one
+        made ahead of time with :func:`bulk`) and return its reply."""
+        protocol = self._protocol
+        if protocol is None or protocol.lost:
+            protocol = await self._connection()
+        return await self._submit(protocol, command)
 
     async def evalsha(self, sha: str, numkeys: int, *args: str | int | float | bytes) -> Any:
-        return await self.execute("EVALSHA", sha, numkeys, *args)
+        return await self.execute(b"EVALSHA", sha, numkeys, *args)
 
     async def eval(self, script: str, numkeys: int, *args: str | int | float | bytes) -> Any:
-        return await self.execute("EVAL", script, numkeys, *args)
+        return await self.execute(b"EVAL", script, numkeys, *args)
 
     async def ping(self) -> bool:
         return bool(await self.execute("PING") == b"PONG")

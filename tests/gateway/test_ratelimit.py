@@ -13,7 +13,6 @@ from gateway.ratelimit import (
     MemoryRateLimiter,
     RateDecision,
     RedisRateLimiter,
-    _reset_bytes,
     build_rate_limiter,
     format_reset,
 )
@@ -31,11 +30,12 @@ class FakeClock:
 
 
 def limiter(
-    rps: float = 2.0, burst: int | None = 3, tpm: int = 600
+    rps: float = 2.0, burst: int | None = 3, tpm: int = 600, keep: int = 0
 ) -> tuple[MemoryRateLimiter, FakeClock]:
+    """keep=0: idle keys are looked at on every call, whatever the table's size."""
     clock = FakeClock()
     settings = RateLimitSettings(requests_per_second=rps, burst=burst, tokens_per_minute=tpm)
-    return MemoryRateLimiter(settings, clock=clock), clock
+    return MemoryRateLimiter(settings, clock=clock, keep=keep), clock
 
 
 def test_limits_from_settings() -> None:
@@ -175,6 +175,18 @@ async def test_idle_keys_are_evicted() -> None:
     assert (await rl.check("key-1", 0)).remaining_tokens == 600
 
 
+async def test_up_to_keep_keys_nothing_is_evicted() -> None:
+    rl, clock = limiter(rps=10.0, burst=10, tpm=600, keep=500)
+    for i in range(1000):
+        await rl.check(f"key-{i}", 10)
+    clock.advance(61.0)  # every bucket full again
+    for _ in range(600):
+        await rl.check("busy", 0)
+        clock.advance(0.1)
+    assert 499 <= len(rl) <= 501  # evicted down to keep (two at a time), no further
+    assert (await rl.check("key-1", 0)).remaining_tokens == 600
+
+
 async def test_keys_in_debt_are_not_evicted() -> None:
     rl, clock = limiter(rps=10.0, burst=10, tpm=600)
     await rl.check("debtor", 0)
@@ -229,25 +241,41 @@ def test_format_reset(seconds: float, text: str) -> None:
     assert format_reset(seconds) == text
 
 
-def test_the_headers_fast_path_formats_resets_as_format_reset_does() -> None:
-    samples = [i / 10_000 for i in range(0, 20_001)] + [0.07, 0.0004, 0.9989999, 0.99900001]
-    for seconds in samples:
-        assert _reset_bytes(seconds) == format_reset(seconds).encode(), seconds
+def test_the_headers_format_resets_and_levels_as_the_figures_say() -> None:
+    limits = Limits(request_capacity=3, request_rate=2.0, token_capacity=600, token_rate=10.0)
+    levels = [600 - i / 1_000 for i in range(0, 20_001)] + [600 - i for i in range(0, 6_000, 7)]
+    levels += [600.0, 600 - 1e-9, 600 - 4e-6, 599.3, -0.5, -1e-12, 1e-12, 0.9999999999]
+    # resets a hair above a whole millisecond (rounded down below a microsecond)
+    levels += [600 - (ms + f) / 100 for ms in range(3) for f in (0.0004, 0.0006, 0.0009, 0.9991)]
+    for level in levels:
+        d = RateDecision(limits, True, min(3.0, level / 200), level, 0)
+        headers = dict(d.headers())
+        assert headers[b"x-ratelimit-reset-tokens"] == format_reset(d.reset_tokens_s).encode()
+        assert headers[b"x-ratelimit-reset-requests"] == format_reset(d.reset_requests_s).encode()
+        assert headers[b"x-ratelimit-remaining-tokens"] == b"%d" % d.remaining_tokens
+        assert headers[b"x-ratelimit-remaining-requests"] == b"%d" % d.remaining_requests
 
 
-def decision(**changes: object) -> RateDecision:
-    fields: dict[str, object] = {
-        "allowed": True,
-        "limit_requests": 10,
-        "remaining_requests": 9,
-        "reset_requests_s": 0.1,
-        "limit_tokens": 100_000,
-        "remaining_tokens": 99_000,
-        "reset_tokens_s": 0.6,
-        "retry_after_s": 0.0,
-    }
-    fields.update(changes)
-    return RateDecision(**fields)  # type: ignore[arg-type]
+LIMITS = Limits(request_capacity=10, request_rate=10.0, token_capacity=100_000, token_rate=1000.0)
+
+
+def decision(
+    allowed: bool = True, requests: float = 9.0, tokens: float = 99_400.0, need: float = 600
+) -> RateDecision:
+    return RateDecision(LIMITS, allowed, requests, tokens, need)
+
+
+def test_a_decisions_figures() -> None:
+    d = decision(requests=8.6, tokens=99_399.9999999999)
+    assert (d.limit_requests, d.remaining_requests) == (10, 8)
+    assert (d.limit_tokens, d.remaining_tokens) == (100_000, 99_400)  # float slack
+    assert d.reset_requests_s == pytest.approx(0.14)
+    assert d.reset_tokens_s == pytest.approx(0.6)
+    assert d.retry_after_s == 0.0
+    in_debt = decision(allowed=False, requests=0.5, tokens=-1000.0)
+    assert in_debt.remaining_requests == in_debt.remaining_tokens == 0
+    assert in_debt.retry_after_s == pytest.approx(1.6)  # 1600 tokens short at 1000/s
+    assert decision(allowed=False, requests=0.25, tokens=1e6).retry_after_s == 0.075
 
 
 def test_headers_when_allowed() -> None:
@@ -256,9 +284,14 @@ def test_headers_when_allowed() -> None:
         (b"x-ratelimit-remaining-requests", b"9"),
         (b"x-ratelimit-reset-requests", b"100ms"),
         (b"x-ratelimit-limit-tokens", b"100000"),
-        (b"x-ratelimit-remaining-tokens", b"99000"),
+        (b"x-ratelimit-remaining-tokens", b"99400"),
         (b"x-ratelimit-reset-tokens", b"600ms"),
     ]
+    full = decision(requests=10.0, tokens=100_000.0).headers()
+    assert full[2] == (b"x-ratelimit-reset-requests", b"0s")
+    assert full[5] == (b"x-ratelimit-reset-tokens", b"0s")
+    # Refilled within a microsecond: 0s, not 0ms.
+    assert decision(tokens=100_000 - 1e-6).headers()[5] == (b"x-ratelimit-reset-tokens", b"0s")
 
 
 @pytest.mark.parametrize(
@@ -266,7 +299,9 @@ def test_headers_when_allowed() -> None:
     [(0.0, b"1", b"1"), (0.2, b"1", b"200"), (1.0, b"1", b"1000"), (1.5, b"2", b"1500")],
 )
 def test_headers_when_refused(retry_after_s: float, seconds: bytes, ms: bytes) -> None:
-    headers = dict(decision(allowed=False, retry_after_s=retry_after_s).headers())
+    # tokens short of the 600 needed, at 1000 per second
+    tokens = 600 - retry_after_s * 1000
+    headers = dict(decision(allowed=False, tokens=tokens).headers())
     assert headers[b"retry-after"] == seconds
     assert headers[b"retry-after-ms"] == ms
     assert b"x-ratelimit-remaining-requests" in headers

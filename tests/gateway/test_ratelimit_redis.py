@@ -28,6 +28,7 @@ from prometheus_client import REGISTRY
 import gateway.ratelimit as ratelimit
 from gateway.config import RateLimitSettings
 from gateway.ratelimit import RedisRateLimiter
+from gateway.redis_wire import encode_command
 
 REDIS_URL = os.environ.get("BASTION_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,6 +71,33 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_the_prepared_evalsha_is_what_encode_command_writes() -> None:
+    limiter = RedisRateLimiter.from_url(settings(rps=2.5, burst=3, tpm=6000), REDIS_URL)
+    for op, key, cost, pending in [(b"check", "p:k", 40, 0), (b"adjust", "p:é" * 30, -7, 12)]:
+        expected = encode_command(
+            "EVALSHA", ratelimit._SCRIPT_SHA, 1, key, op, cost, 3, "2.5", 6000, "100.0", pending
+        )
+        assert limiter.command(op, key, cost, pending) == expected
+
+
+async def test_our_client_and_redis_py_decide_alike(
+    redis_client: aioredis.Redis, prefix: str
+) -> None:
+    """The prepared EVALSHA (our client) and redis-py's evalsha run the same script."""
+    ours = RedisRateLimiter.from_url(settings(tpm=600), REDIS_URL, prefix=prefix + "ours:")
+    theirs = RedisRateLimiter(settings(tpm=600), redis_client, prefix=prefix + "theirs:")
+    seen = []
+    for limiter in (ours, theirs):
+        decisions = [await limiter.check("k", 250) for _ in range(4)]
+        await limiter.adjust("k", -100)
+        await limiter.flush()
+        decisions.append(await limiter.check("k", 10))
+        seen.append([(d.allowed, d.remaining_requests, d.remaining_tokens) for d in decisions])
+    await ours.aclose()
+    assert seen[0] == seen[1]
+    assert seen[0][:3] == [(True, 2, 350), (True, 1, 100), (False, 1, 100)]
 
 
 async def test_buckets_in_redis(redis_client: aioredis.Redis, prefix: str) -> None:

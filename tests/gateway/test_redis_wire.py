@@ -38,6 +38,17 @@ def test_command_encoding() -> None:
     assert encode_command("EVALSHA", "ab", 1, b"k", 0.5) == (
         b"*5\r\n$7\r\nEVALSHA\r\n$2\r\nab\r\n$1\r\n1\r\n$1\r\nk\r\n$3\r\n0.5\r\n"
     )
+    # Non-ASCII text as UTF-8; subclasses as their base types; anything else refused.
+    assert encode_command("é", -7, 1e-9) == b"*3\r\n$2\r\n\xc3\xa9\r\n$2\r\n-7\r\n$5\r\n1e-09\r\n"
+
+    class Name(str):
+        pass
+
+    assert encode_command(Name("k"), True, bytearray(b"v")) == (
+        b"*3\r\n$1\r\nk\r\n$1\r\n1\r\n$1\r\nv\r\n"
+    )
+    with pytest.raises(TypeError, match="NoneType"):
+        encode_command("GET", None)  # type: ignore[arg-type]
 
 
 async def test_concurrent_calls_get_their_own_replies(redis_py: aioredis.Redis) -> None:
