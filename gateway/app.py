@@ -31,7 +31,6 @@ from gateway.middleware.auth import (
     principal_of,
 )
 from gateway.middleware.errors import ErrorMiddleware
-from gateway.middleware.hsts import HSTSMiddleware
 from gateway.middleware.request_id import RequestIdMiddleware
 from gateway.model_routes import ModelEndpoint
 from gateway.privacy_routes import PrivacyRoutes, RestrictionCache, SubjectGuarded
@@ -108,9 +107,8 @@ class BastionApp:
             self.key_cache if settings.auth.enabled else None,
             certificate_principals(settings.auth.client_certificates),
         )
+        # (HSTS on TLS answers: a default header of the listener, gateway.tls.)
         self._stack: ASGIApp = RequestIdMiddleware(ErrorMiddleware(authentication))
-        if settings.server.tls is not None:
-            self._stack = HSTSMiddleware(self._stack, settings.server.tls.hsts_max_age_s)
 
     def _routes(self) -> list[Route]:
         forwarder = Forwarder(self.settings, self.pool, self.transport)
