@@ -10,9 +10,10 @@ from typing import Any
 import httptools
 import pytest
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from gateway.listener import FLUSH_ABOVE, CoalescedWrites, ListenerProtocol
+from gateway.listener import FLUSH_ABOVE, CoalescedWrites, ListenerCycle, ListenerProtocol
 
 
 class RecordingTransport(asyncio.Transport):
@@ -227,3 +228,87 @@ def test_served_for_real_over_a_socket() -> None:
         server.should_exit = True
         with contextlib.suppress(RuntimeError):
             thread.join(10)
+
+
+# --- the response's start, written as uvicorn writes it -------------------------------------
+
+
+def answering(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> Any:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        if body:
+            await send({"type": "http.response.body", "body": body[:3], "more_body": True})
+        await send({"type": "http.response.body", "body": body[3:]})
+
+    return app
+
+
+GET = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+DEFAULT_HEADERS = [
+    (b"date", b"Mon, 23 Nov 2026 16:00:00 GMT"),
+    (b"strict-transport-security", b"max-age=60; includeSubDomains"),
+]
+RESPONSE_STARTS = {
+    "content-length": (
+        GET,
+        200,
+        [(b"Content-Type", b"application/json"), (b"content-length", b"5")],
+    ),
+    "many headers": (
+        GET,
+        200,
+        [(b"content-length", b"5"), *[(b"x-ratelimit-%d" % i, b"%d" % i) for i in range(12)]],
+    ),
+    "chunked by default": (GET, 200, [(b"x-a", b"1")]),
+    "chunked by the app": (GET, 200, [(b"Transfer-Encoding", b"Chunked")]),
+    "head": (b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n", 200, [(b"x-a", b"1")]),
+    "204": (GET, 204, [(b"x-a", b"1")]),
+    "connection close": (GET, 200, [(b"content-length", b"5"), (b"Connection", b"keep, Close")]),
+    "http/1.0": (b"GET / HTTP/1.0\r\n\r\n", 200, [(b"content-length", b"5")]),
+    "tab in a value": (GET, 200, [(b"content-length", b"5"), (b"x-a", b"a\tb")]),
+    "bad name": (GET, 200, [(b"content-length", b"5"), (b"x a", b"1")]),
+    "bad value": (GET, 200, [(b"content-length", b"5"), (b"x-a", b"1\r\nx-b: 2")]),
+    "bad name, a separator": (GET, 200, [(b"content-length", b"5"), (b"x(a", b"1")]),
+}
+
+
+async def served_by(
+    protocol_class: type[HttpToolsProtocol], app: Any, request: bytes, access_log: bool = False
+) -> tuple[bytes, list[str], Any]:
+    config = uvicorn.Config(
+        app, lifespan="off", log_level="critical", http=protocol_class, access_log=access_log
+    )
+    config.load()
+    state = ServerState()
+    state.default_headers = list(DEFAULT_HEADERS)
+    protocol = protocol_class(config, state, {}, asyncio.get_running_loop())
+    transport = RecordingTransport()
+    protocol.connection_made(transport)
+    protocol.data_received(request)
+    cycle = protocol.cycle
+    for _ in range(100):
+        await asyncio.sleep(0.002)
+        if transport.closing or (protocol.cycle and protocol.cycle.response_complete):
+            break
+    await next_turn()
+    protocol.connection_lost(None)
+    calls = [call for call in transport.calls if call != "write"]
+    return b"".join(transport.writes), calls, cycle
+
+
+@pytest.mark.parametrize("access_log", [False, True], ids=["", "access log on"])
+@pytest.mark.parametrize("case", RESPONSE_STARTS)
+async def test_the_response_start_is_written_as_uvicorn_writes_it(
+    case: str, access_log: bool
+) -> None:
+    request, status, headers = RESPONSE_STARTS[case]
+    app = answering(status, headers, b"" if status == 204 else b"hello")
+    ours = await served_by(ListenerProtocol, app, request, access_log)
+    theirs = await served_by(HttpToolsProtocol, app, request, access_log)
+    assert type(ours[2]) is ListenerCycle
+    assert type(theirs[2]) is not ListenerCycle
+    assert ours[:2] == theirs[:2]
+    if case.startswith("bad"):
+        assert ours[0] == b"" and "close" in ours[1]  # nothing sent, the connection closed
+    else:
+        assert ours[0].startswith(b"HTTP/1.1 %d " % status)
