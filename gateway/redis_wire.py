@@ -67,6 +67,9 @@ def _as_exception(error: hiredis.ReplyError) -> ResponseError:
 
 class _RespProtocol(asyncio.Protocol):
     def __init__(self) -> None:
+        # Kept: on Python 3.11 every asyncio.get_running_loop() is a getpid() system call
+        # (its fork check), and the request path would make three per command.
+        self.loop = asyncio.get_running_loop()
         self.reader = hiredis.Reader()
         self.waiters: deque[asyncio.Future[Any]] = deque()
         self.transport: asyncio.Transport | None = None
@@ -80,7 +83,7 @@ class _RespProtocol(asyncio.Protocol):
     def request(self, command: bytes, waiter: asyncio.Future[Any], timeout_s: float) -> None:
         """Send ``command``; ``waiter`` gets its reply, or the connection is aborted with a
         timeout error if no reply came within ``timeout_s``."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         deadline = loop.time() + timeout_s
         self.waiters.append(waiter)
         self.deadlines.append(deadline)
@@ -93,7 +96,7 @@ class _RespProtocol(asyncio.Protocol):
         if not self.deadlines or self.lost:
             return
         oldest = self.deadlines[0]
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         if oldest <= loop.time():
             self.abort(RedisTimeoutError("Timed out waiting for Redis."))
         else:
@@ -102,7 +105,7 @@ class _RespProtocol(asyncio.Protocol):
     def send(self, command: bytes) -> None:
         """Queue a command; everything queued in one turn of the loop goes in one write."""
         if not self._outbox:
-            asyncio.get_running_loop().call_soon(self._flush)
+            self.loop.call_soon(self._flush)
         self._outbox.append(command)
 
     def _flush(self) -> None:
@@ -207,7 +210,7 @@ class PipelinedRedis:
     def _submit(self, protocol: _RespProtocol, command: bytes) -> asyncio.Future[Any]:
         if protocol.lost or protocol.transport is None:
             raise RedisConnectionError("Connection to Redis lost.")
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[Any] = protocol.loop.create_future()
         protocol.request(command, waiter, self._timeout_s)
         return waiter
 
