@@ -13,6 +13,12 @@ the kernel, TLS (a fake socket cannot carry it) and, for Redis, the server's sid
 
     apt-get install -y valgrind
     .venv/bin/python bench/chain_instructions.py [--requests 200,700] [--redis-url URL]
+        [--concurrency 32]
+
+With ``--concurrency K`` there are K connections, and each turn hands every one of them a
+request before waiting for the answers, as wrk's K connections do: what a load of K
+requests in flight costs (the Redis checks of one turn share a write, the collector sees
+K requests' objects alive at once).
 
 Variants: ``bare`` (dev, no auth, no rate limits), ``bastion`` (API key, in-memory rate
 limits that never throttle, x-ratelimit headers) and ``bastion-redis`` (API key, model
@@ -97,7 +103,7 @@ class RecordingSocket(asyncio.Transport):
         pass
 
 
-async def serve(variant: str, requests: int, redis_url: str) -> None:
+async def serve(variant: str, requests: int, redis_url: str, concurrency: int) -> None:
     """Serve ``requests`` requests in process (what valgrind counts)."""
     import uvicorn
     from gateway_hotpath import REQUEST, ZeroCostUpstream
@@ -119,29 +125,38 @@ async def serve(variant: str, requests: int, redis_url: str) -> None:
             config = uvicorn.Config(app, http=ListenerProtocol, lifespan="off", access_log=False)
             config.load()
             loop = asyncio.get_running_loop()
-            protocol = ListenerProtocol(config, ServerState(), {}, loop)
-            socket = RecordingSocket()
-            protocol.connection_made(socket)
             request = (
                 b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\n"
                 b"Content-Type: application/json\r\nAccept: application/json\r\n"
                 b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
                 % (key.encode(), len(REQUEST), REQUEST)
             )
-            for _ in range(requests):
-                socket.answered = loop.create_future()
-                protocol.data_received(request)
-                await socket.answered
-                answer = b"".join(socket.written)
-                socket.written.clear()
-                if not answer.startswith(b"HTTP/1.1 200 "):
-                    raise SystemExit(f"{variant}: not a 200: {answer[:300]!r}")
-            protocol.connection_lost(None)
+            # One connection per concurrent request, as wrk's; each turn hands every
+            # connection its next request and waits for all the answers.
+            state = ServerState()
+            connections = []
+            for _ in range(concurrency):
+                protocol = ListenerProtocol(config, state, {}, loop)
+                socket = RecordingSocket()
+                protocol.connection_made(socket)
+                connections.append((protocol, socket))
+            for _ in range(requests // concurrency):
+                for protocol, socket in connections:
+                    socket.answered = loop.create_future()
+                    protocol.data_received(request)
+                for _, socket in connections:
+                    await socket.answered
+                    answer = b"".join(socket.written)
+                    socket.written.clear()
+                    if not answer.startswith(b"HTTP/1.1 200 "):
+                        raise SystemExit(f"{variant}: not a 200: {answer[:300]!r}")
+            for protocol, _ in connections:
+                protocol.connection_lost(None)
         finally:
             await lifespan.__aexit__(None, None, None)
 
 
-def count(variant: str, requests: int, redis_url: str) -> int:
+def count(variant: str, requests: int, redis_url: str, concurrency: int) -> int:
     """Instructions executed by a whole process serving ``requests`` requests."""
     env = {**os.environ, "PYTHONHASHSEED": "0", "OPENBLAS_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1])])
@@ -158,6 +173,8 @@ def count(variant: str, requests: int, redis_url: str) -> int:
                 str(requests),
                 "--redis-url",
                 redis_url,
+                "--concurrency",
+                str(concurrency),
             ],
             capture_output=True,
             text=True,
@@ -175,24 +192,34 @@ def main() -> None:
     parser.add_argument("--requests", default="200,700", help="N,N2: requests per count")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="requests in flight at once, each on a connection of its own (wrk's -c)",
+    )
     parser.add_argument("--serve", nargs=2, metavar=("VARIANT", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         import uvloop
 
-        uvloop.run(serve(args.serve[0], int(args.serve[1]), args.redis_url))
+        uvloop.run(serve(args.serve[0], int(args.serve[1]), args.redis_url, args.concurrency))
         return
     if shutil.which("valgrind") is None:
         sys.exit("chain_instructions: valgrind is missing (apt-get install -y valgrind)")
-    low, high = (int(n) for n in args.requests.split(","))
+    # Whole turns only: each turn serves one request per connection.
+    low, high = (int(n) // args.concurrency * args.concurrency for n in args.requests.split(","))
     variants = args.variants.split(",")
     jobs = [(v, n) for v in variants for n in (low, high)]
     print(f"counting {len(jobs)} processes under callgrind, two at a time...", flush=True)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        counted = pool.map(lambda job: count(*job, args.redis_url), jobs)
+        counted = pool.map(lambda job: count(*job, args.redis_url, args.concurrency), jobs)
         totals = dict(zip(jobs, counted, strict=True))
     per_request = {v: (totals[v, high] - totals[v, low]) / (high - low) for v in variants}
-    print(f"\ninstructions per request (({high} - {low}) requests, in process, no TLS)")
+    print(
+        f"\ninstructions per request (({high} - {low}) requests, {args.concurrency} at a time,"
+        " in process, no TLS)"
+    )
     base = per_request.get("bare")
     for variant, instructions in per_request.items():
         cost = ""
