@@ -115,6 +115,13 @@ class ServerSettings(Section):
     """Send ``x-bastion-upstream`` (the serving upstream's name) on proxied responses."""
     upstream_transport: Literal["httptools", "aiohttp", "httpx", "httpx-aiohttp"] = "httptools"
     """How the proxy talks to upstreams; see gateway/transport.py for why aiohttp."""
+    gc_young_threshold: int = Field(default=10_000, ge=100, le=10_000_000)
+    """Python's first garbage-collector threshold while serving (Python's default: 700).
+
+    A collection of the young generation starts whenever this many more container
+    objects have been allocated than freed. 32 requests in flight hold more than 700
+    between them, so at Python's default the collector walks them again and again,
+    though the requests' objects are freed by reference counting anyway."""
 
 
 class UpstreamSettings(Section):
