@@ -18,6 +18,7 @@ request's scope, computed once per connection.
 from __future__ import annotations
 
 import asyncio
+import re
 import types
 from typing import Any
 
@@ -126,13 +127,26 @@ class CoalescedWrites(asyncio.Transport):
 _SPECIAL_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 
 
+def _translation_marking(forbidden: re.Pattern[bytes]) -> bytes:
+    """A ``bytes.translate`` table sending each byte ``forbidden`` matches to NUL, every
+    other byte to 1: one C pass over the headers instead of the regular expression's
+    charset test per byte (a third of the time)."""
+    return bytes(0 if forbidden.search(bytes([byte])) else 1 for byte in range(256))
+
+
+# uvicorn's own expressions are single-byte classes, so marking byte by byte is the same
+# test (tests/gateway/test_listener.py checks all 256 bytes).
+NAME_MARKS = _translation_marking(HEADER_RE)
+VALUE_MARKS = _translation_marking(HEADER_VALUE_RE)
+
+
 class ListenerCycle(RequestResponseCycle):
     """uvicorn's request-response cycle, with the response's start written for less.
 
     uvicorn checks each header name and value with a regular expression of its own: two
     searches per header, about a third of the CPU that one rate-limited answer's dozen
-    headers cost. Here the names are checked together, and the values together, by
-    the same expressions; everything else (lower-case names, Content-Length,
+    headers cost. Here the names are checked together, and the values together, for
+    the bytes the same expressions forbid; everything else (lower-case names, Content-Length,
     Transfer-Encoding, Connection, chunking, HEAD, the errors raised) is uvicorn's, and
     ``tests/gateway/test_listener.py`` compares the bytes written with uvicorn's own.
     Anything but a plain response start (access log on, writes paused, a disconnected
@@ -176,9 +190,9 @@ class ListenerCycle(RequestResponseCycle):
                             self.keep_alive = False
                             has_connection_close = True
                 content += (name, b": ", value, b"\r\n")
-        if HEADER_RE.search(b"".join(names)):
+        if b"\0" in b"".join(names).translate(NAME_MARKS):
             raise RuntimeError("Invalid HTTP header name.")
-        if HEADER_VALUE_RE.search(b"".join(values)):
+        if b"\0" in b"".join(values).translate(VALUE_MARKS):
             raise RuntimeError("Invalid HTTP header value.")
         if not self.keep_alive and not has_connection_close:
             content.append(b"connection: close\r\n")

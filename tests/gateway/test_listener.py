@@ -10,10 +10,17 @@ from typing import Any
 import httptools
 import pytest
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from gateway.listener import FLUSH_ABOVE, CoalescedWrites, ListenerCycle, ListenerProtocol
+from gateway.listener import (
+    FLUSH_ABOVE,
+    NAME_MARKS,
+    VALUE_MARKS,
+    CoalescedWrites,
+    ListenerCycle,
+    ListenerProtocol,
+)
 
 
 class RecordingTransport(asyncio.Transport):
@@ -269,7 +276,20 @@ RESPONSE_STARTS = {
     "bad name": (GET, 200, [(b"content-length", b"5"), (b"x a", b"1")]),
     "bad value": (GET, 200, [(b"content-length", b"5"), (b"x-a", b"1\r\nx-b: 2")]),
     "bad name, a separator": (GET, 200, [(b"content-length", b"5"), (b"x(a", b"1")]),
+    "bad value, DEL": (GET, 200, [(b"content-length", b"5"), (b"x-a", b"1\x7f")]),
+    "non-ASCII name (uvicorn lets it through)": (
+        GET,
+        200,
+        [(b"content-length", b"5"), (b"x-\xe9", b"1")],
+    ),
 }
+
+
+@pytest.mark.parametrize("byte", range(256))
+def test_a_header_byte_is_refused_exactly_when_uvicorn_refuses_it(byte: int) -> None:
+    for forbidden, marks in ((HEADER_RE, NAME_MARKS), (HEADER_VALUE_RE, VALUE_MARKS)):
+        text = b"ab" + bytes([byte]) + b"cd"
+        assert (b"\0" in text.translate(marks)) == (forbidden.search(text) is not None)
 
 
 async def served_by(
