@@ -42,6 +42,7 @@ from cryptography.x509.oid import NameOID
 from gateway.asgi import Receive, Scope, Send
 from gateway.config import TLSSettings, UpstreamSettings, UpstreamTLSSettings
 from gateway.tls import (
+    DirectSSLObject,
     TLSConfigError,
     rfc4514_name,
     server_ssl_context,
@@ -362,6 +363,42 @@ def test_tls_1_2_only_offers_forward_secret_aead_suites(pki: PKI) -> None:
     assert ctx.options & ssl.OP_NO_COMPRESSION
     assert ctx.options & ssl.OP_CIPHER_SERVER_PREFERENCE
     assert ctx.verify_mode == ssl.CERT_NONE
+
+
+def _pump(source: ssl.MemoryBIO, sink: ssl.MemoryBIO) -> None:
+    data = source.read()
+    if data:
+        sink.write(data)
+
+
+def test_the_listener_s_tls_objects_call_the_c_object_directly(pki: PKI) -> None:
+    """What the event loop's TLS protocol calls per record is the C object's own method,
+    and a whole exchange over memory BIOs behaves as ``ssl.SSLObject``'s does."""
+    server_in, server_out, client_in, client_out = (ssl.MemoryBIO() for _ in range(4))
+    server = server_ssl_context(tls_settings(pki)).wrap_bio(server_in, server_out, True)
+    assert isinstance(server, DirectSSLObject) and isinstance(server, ssl.SSLObject)
+    for name in ("read", "write", "pending"):
+        assert type(getattr(server, name)).__name__ == "builtin_function_or_method", name
+    client = client_context(pki.ca).wrap_bio(client_in, client_out, server_hostname="localhost")
+    for _ in range(10):
+        for side in (client, server):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                side.do_handshake()
+        _pump(client_out, server_in)
+        _pump(server_out, client_in)
+    assert server.version() == client.version() == "TLSv1.3"
+    with pytest.raises(ssl.SSLWantReadError):
+        server.read(1024)  # nothing has come: the same exception as ssl.SSLObject's
+    client.write(b"POST / HTTP/1.1\r\n\r\n")
+    _pump(client_out, server_in)
+    buffer = bytearray(64)
+    assert server.read(6, buffer) == 6 and buffer[:6] == b"POST /"
+    assert server.pending() > 0
+    assert server.read(262144) == b" HTTP/1.1\r\n\r\n"
+    assert server.pending() == 0
+    assert server.write(b"HTTP/1.1 200 OK\r\n\r\n") == 19
+    _pump(server_out, client_in)
+    assert client.read(1024) == b"HTTP/1.1 200 OK\r\n\r\n"
 
 
 def test_unusable_settings_are_one_line_errors(pki: PKI) -> None:
