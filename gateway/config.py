@@ -201,6 +201,8 @@ class RateLimitSettings(Section):
     tokens_per_minute: int = Field(default=100_000, ge=1)
     redis_failure_mode: Literal["open", "closed"] = "open"
     """When Redis is unreachable: let requests through (open) or refuse them (closed)."""
+    redis_timeout_s: float = Field(default=0.25, gt=0, le=60)
+    """How long a check waits for Redis before the failure mode answers instead."""
     response_headers: Literal["always", "on_refusal"] = "always"
     """``x-ratelimit-*`` on every answer, as OpenAI does (``always``), or only on 429s;
     six headers on every answer cost about a tenth of the gateway's throughput."""

@@ -615,5 +615,5 @@ class RedisRateLimiter:
 def build_rate_limiter(settings: RateLimitSettings, redis_url: str | None) -> RateLimiter:
     """Redis-backed buckets when a Redis URL is configured, else in-process ones."""
     if redis_url:
-        return RedisRateLimiter.from_url(settings, redis_url)
+        return RedisRateLimiter.from_url(settings, redis_url, timeout_s=settings.redis_timeout_s)
     return MemoryRateLimiter(settings)

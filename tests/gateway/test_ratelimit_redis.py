@@ -338,3 +338,24 @@ async def test_backend_recovers(redis_client: aioredis.Redis, prefix: str) -> No
         assert metric("bastion_ratelimit_backend_up") == 1.0
     finally:
         await rl.aclose()
+
+
+@pytest.mark.parametrize("timeout_s", [0.1, 0.6])
+async def test_a_redis_that_never_answers_costs_the_configured_wait(timeout_s: float) -> None:
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # reads every command, answers none
+        writer.close()
+
+    silent = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    config = RateLimitSettings(redis_failure_mode="closed", redis_timeout_s=timeout_s)
+    limiter = ratelimit.build_rate_limiter(config, f"redis://127.0.0.1:{port}/0")
+    try:
+        started = time.monotonic()
+        decision = await limiter.check("k", 1)
+        waited = time.monotonic() - started
+        assert decision.degraded and not decision.allowed
+        assert timeout_s * 0.95 <= waited < timeout_s + 0.4
+    finally:
+        await limiter.aclose()
+        silent.close()
