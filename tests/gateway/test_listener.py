@@ -276,6 +276,22 @@ RESPONSE_STARTS = {
     "bad name": (GET, 200, [(b"content-length", b"5"), (b"x a", b"1")]),
     "bad value": (GET, 200, [(b"content-length", b"5"), (b"x-a", b"1\r\nx-b: 2")]),
     "bad name, a separator": (GET, 200, [(b"content-length", b"5"), (b"x(a", b"1")]),
+    "two content-lengths": (
+        GET,
+        200,
+        [(b"content-length", b"5"), (b"x-a", b"1"), (b"Content-Length", b"7")],
+    ),
+    "content-length, then chunked": (
+        GET,
+        200,
+        [(b"content-length", b"5"), (b"Transfer-Encoding", b"chunked")],
+    ),
+    "chunked, then content-length": (
+        GET,
+        200,
+        [(b"Transfer-Encoding", b"chunked"), (b"content-length", b"5")],
+    ),
+    "headers as lists": (GET, 200, [[b"content-length", b"5"], [b"X-A", b"1"]]),
     "bad value, DEL": (GET, 200, [(b"content-length", b"5"), (b"x-a", b"1\x7f")]),
     "non-ASCII name (uvicorn lets it through)": (
         GET,
@@ -293,14 +309,18 @@ def test_a_header_byte_is_refused_exactly_when_uvicorn_refuses_it(byte: int) -> 
 
 
 async def served_by(
-    protocol_class: type[HttpToolsProtocol], app: Any, request: bytes, access_log: bool = False
+    protocol_class: type[HttpToolsProtocol],
+    app: Any,
+    request: bytes,
+    access_log: bool = False,
+    default_headers: list[tuple[bytes, bytes]] = DEFAULT_HEADERS,
 ) -> tuple[bytes, list[str], Any]:
     config = uvicorn.Config(
         app, lifespan="off", log_level="critical", http=protocol_class, access_log=access_log
     )
     config.load()
     state = ServerState()
-    state.default_headers = list(DEFAULT_HEADERS)
+    state.default_headers = list(default_headers)
     protocol = protocol_class(config, state, {}, asyncio.get_running_loop())
     transport = RecordingTransport()
     protocol.connection_made(transport)
@@ -332,3 +352,11 @@ async def test_the_response_start_is_written_as_uvicorn_writes_it(
         assert ours[0] == b"" and "close" in ours[1]  # nothing sent, the connection closed
     else:
         assert ours[0].startswith(b"HTTP/1.1 %d " % status)
+
+
+async def test_an_answer_without_any_header_is_written_as_uvicorn_writes_it() -> None:
+    app = answering(200, [], b"hello")
+    ours = await served_by(ListenerProtocol, app, GET, default_headers=[])
+    theirs = await served_by(HttpToolsProtocol, app, GET, default_headers=[])
+    assert ours[:2] == theirs[:2]
+    assert ours[0].startswith(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
