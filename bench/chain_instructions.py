@@ -99,6 +99,18 @@ def settings_for(
     return Settings(**common)
 
 
+def chat_request(key: str) -> bytes:
+    """The chat completion request every variant serves, with ``key`` as its API key."""
+    from gateway_hotpath import REQUEST
+
+    return (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\n"
+        b"Content-Type: application/json\r\nAccept: application/json\r\n"
+        b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
+        % (key.encode(), len(REQUEST), REQUEST)
+    )
+
+
 class RecordingSocket(asyncio.Transport):
     """Keeps what the protocol writes; wakes the driver when an answer is complete."""
 
@@ -133,7 +145,7 @@ class RecordingSocket(asyncio.Transport):
 async def serve(variant: str, requests: int, redis_url: str, concurrency: int) -> None:
     """Serve ``requests`` requests in process (what valgrind counts)."""
     import uvicorn
-    from gateway_hotpath import REQUEST, ZeroCostUpstream
+    from gateway_hotpath import ZeroCostUpstream
     from uvicorn.server import ServerState
 
     from gateway.app import BastionApp
@@ -152,12 +164,7 @@ async def serve(variant: str, requests: int, redis_url: str, concurrency: int) -
             config = uvicorn.Config(app, http=ListenerProtocol, lifespan="off", access_log=False)
             config.load()
             loop = asyncio.get_running_loop()
-            request = (
-                b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\n"
-                b"Content-Type: application/json\r\nAccept: application/json\r\n"
-                b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
-                % (key.encode(), len(REQUEST), REQUEST)
-            )
+            request = chat_request(key)
             # One connection per concurrent request, as wrk's; each turn hands every
             # connection its next request and waits for all the answers.
             state = ServerState()
@@ -252,7 +259,7 @@ async def load_and_upstream(requests: int, concurrency: int) -> None:
     a fixed chat completion, then the load (``concurrency`` connections kept open)."""
     import ssl
 
-    from gateway_hotpath import ANSWER, REQUEST
+    from gateway_hotpath import ANSWER
 
     answer = (
         b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
@@ -263,8 +270,8 @@ async def load_and_upstream(requests: int, concurrency: int) -> None:
         while True:
             try:
                 head = await reader.readuntil(b"\r\n\r\n")
-            except (asyncio.IncompleteReadError, ConnectionError):
-                break
+            except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+                break  # cancelled: the load is done and this process ends
             length = re.search(rb"(?i)content-length: *(\d+)", head)
             await reader.readexactly(int(length.group(1)) if length else 0)
             writer.write(answer)
@@ -273,12 +280,7 @@ async def load_and_upstream(requests: int, concurrency: int) -> None:
     listening = await asyncio.start_server(upstream, "127.0.0.1", 0)
     print(f"upstream http://127.0.0.1:{listening.sockets[0].getsockname()[1]}", flush=True)
     scheme, port, key = (await asyncio.to_thread(sys.stdin.readline)).split()
-    request = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\n"
-        b"Content-Type: application/json\r\nAccept: application/json\r\n"
-        b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
-        % (key.encode(), len(REQUEST), REQUEST)
-    )
+    request = chat_request(key)
     tls = None
     if scheme == "https":
         tls = ssl.create_default_context()
