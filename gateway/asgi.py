@@ -16,6 +16,29 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+RAW_HEADERS = "bastion.raw_headers"
+"""An ASGI extension of the gateway's listener (gateway.listener), offered in the scope's
+``extensions``: a ``http.response.start`` message may then carry, under this key, header
+lines already written out (``name: value\\r\\n`` each, lower-case names, none that frames
+the body), which the server writes after the message's ``headers``. The gateway's own
+fixed sets of headers (the six ``x-ratelimit-*``) are then made by one bytes format,
+not as pairs the server takes apart again line by line. Without the extension in the
+scope (another server, a test client), the same headers go as pairs."""
+
+
+def offers_raw_headers(scope: Scope) -> bool:
+    extensions = scope.get("extensions")
+    return extensions is not None and RAW_HEADERS in extensions
+
+
+def raw_header_pairs(lines: bytes) -> list[tuple[bytes, bytes]]:
+    """Header lines (``name: value\\r\\n`` each) as ASGI header pairs."""
+    return [
+        (name, value)
+        for name, _, value in (line.partition(b": ") for line in lines.split(b"\r\n")[:-1])
+    ]
+
+
 class ClientDisconnected(Exception):
     """The client went away before its request was read; there is no one to answer."""
 
@@ -53,19 +76,26 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 
 
 async def send_json(
-    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+    send: Send,
+    status: int,
+    body: bytes,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    header_lines: bytes = b"",
 ) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *(headers or ()),
-            ],
-        }
-    )
+    """``header_lines``: more headers, written out (only where the scope offers
+    :data:`RAW_HEADERS`)."""
+    start: Message = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            *(headers or ()),
+        ],
+    }
+    if header_lines:
+        start[RAW_HEADERS] = header_lines
+    await send(start)
     await send({"type": "http.response.body", "body": body})
 
 

@@ -31,6 +31,7 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
+from gateway.asgi import RAW_HEADERS, raw_header_pairs
 from gateway.tls import connection_tls
 
 # Above this many bytes held, a write goes out at once: a producer that writes a lot in
@@ -140,20 +141,73 @@ NAME_MARKS = _translation_marking(HEADER_RE)
 VALUE_MARKS = _translation_marking(HEADER_VALUE_RE)
 
 
+_FRAMING_NAMES = (b"content-length", b"transfer-encoding", b"connection")
+
+
+def check_raw_headers(block: bytes) -> None:
+    """The framing of :data:`RAW_HEADERS` lines: whole lines, no blank one (the end of
+    the headers). What the lines say is the app's word: the gateway makes them from
+    numbers and fixed names (gateway.ratelimit), whose output its tests check against
+    uvicorn's own header rules; checking each byte again here cost more than writing
+    the six headers as pairs did."""
+    if block[-2:] != b"\r\n" or block[:2] == b"\r\n" or b"\r\n\r\n" in block:
+        raise RuntimeError("Invalid HTTP header lines.")
+
+
+class _DefaultLines:
+    """The server's default headers (Date, and HSTS on TLS) written out once per list.
+
+    uvicorn builds a new default header list each second (the Date); the lines are made
+    again only then. A list with a header that frames the body, or one uvicorn would
+    refuse, is not cached (None): it goes through the per-header checks each time."""
+
+    __slots__ = ("headers", "lines")
+
+    def __init__(self) -> None:
+        self.headers: object = None
+        self.lines: bytes | None = None
+
+    def of(self, headers: list[tuple[bytes, bytes]]) -> bytes | None:
+        if headers is not self.headers:
+            self.lines = None
+            try:
+                pairs = [(name, value) for name, value in headers]
+                names = b"".join(name for name, _ in pairs)
+                if (
+                    names.islower()
+                    and not any(name in _FRAMING_NAMES for name, _ in pairs)
+                    and b"\0" not in names.translate(NAME_MARKS)
+                    and b"\0" not in b"".join(value for _, value in pairs).translate(VALUE_MARKS)
+                ):
+                    self.lines = b"".join(b"%s: %s\r\n" % pair for pair in pairs)
+            except (TypeError, ValueError, AttributeError):
+                self.lines = None
+            self.headers = headers  # held, so no other list can take its id
+        return self.lines
+
+
+_DEFAULT_LINES = _DefaultLines()
+
+
 class ListenerCycle(RequestResponseCycle):
     """uvicorn's request-response cycle, with the response's start written for less.
 
     uvicorn checks each header name and value with a regular expression of its own: two
     searches per header, about a third of the CPU that one rate-limited answer's dozen
     headers cost. Here the names are checked together, and the values together, for
-    the bytes the same expressions forbid; everything else (lower-case names, Content-Length,
+    the bytes the same expressions forbid; the server's default headers are written out
+    once a second (:class:`_DefaultLines`); a :data:`RAW_HEADERS` block is written as it
+    is, once its framing is checked. Everything else (lower-case names, Content-Length,
     Transfer-Encoding, Connection, chunking, HEAD, the errors raised) is uvicorn's, and
     ``tests/gateway/test_listener.py`` compares the bytes written with uvicorn's own.
     Anything but a plain response start (access log on, writes paused, a disconnected
-    client, a second start) goes to uvicorn's ``send`` unchanged.
+    client, a second start) goes to uvicorn's ``send``, a raw block as header pairs.
     """
 
     async def send(self, message: Any) -> None:
+        raw = message.get(RAW_HEADERS)
+        if raw and not self.response_started:
+            check_raw_headers(raw)  # before anything is written: uvicorn answers 500
         if (
             self.response_started
             or self.disconnected
@@ -161,6 +215,9 @@ class ListenerCycle(RequestResponseCycle):
             or self.flow.write_paused
             or message["type"] != "http.response.start"
         ):
+            if raw and not self.response_started:
+                pairs = [*message.get("headers", ()), *raw_header_pairs(raw)]
+                message = {**message, "headers": pairs}
             await super().send(message)
             return
         self.response_started = True
@@ -169,8 +226,14 @@ class ListenerCycle(RequestResponseCycle):
         names: list[bytes] = []
         values: list[bytes] = []
         content = [STATUS_LINE[status_code]]
+        default_lines = _DEFAULT_LINES.of(self.default_headers)
+        if default_lines is None:
+            header_lists = (self.default_headers, message.get("headers", ()))
+        else:
+            content.append(default_lines)
+            header_lists = (message.get("headers", ()),)
         has_connection_close = False
-        for headers in (self.default_headers, message.get("headers", ())):
+        for headers in header_lists:
             for name, value in headers:
                 names.append(name)
                 values.append(value)
@@ -194,6 +257,8 @@ class ListenerCycle(RequestResponseCycle):
             raise RuntimeError("Invalid HTTP header name.")
         if b"\0" in b"".join(values).translate(VALUE_MARKS):
             raise RuntimeError("Invalid HTTP header value.")
+        if raw:
+            content.append(raw)
         if not self.keep_alive and not has_connection_close:
             content.append(b"connection: close\r\n")
         if (
@@ -221,7 +286,9 @@ class ListenerProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         if self._tls is not None:
-            self.scope["extensions"] = {"tls": self._tls}  # type: ignore[dict-item]
+            self.scope["extensions"] = {"tls": self._tls, RAW_HEADERS: {}}  # type: ignore[dict-item]
+        else:
+            self.scope["extensions"] = {RAW_HEADERS: {}}  # type: ignore[dict-item]
 
     # uvicorn's own on_headers_complete, run with ListenerCycle where it names
     # RequestResponseCycle: the same code, building our cycle. (Changing a built cycle's

@@ -13,6 +13,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from gateway.asgi import RAW_HEADERS, raw_header_pairs
 from gateway.listener import (
     FLUSH_ABOVE,
     NAME_MARKS,
@@ -20,6 +21,7 @@ from gateway.listener import (
     CoalescedWrites,
     ListenerCycle,
     ListenerProtocol,
+    _DefaultLines,
 )
 
 
@@ -360,3 +362,120 @@ async def test_an_answer_without_any_header_is_written_as_uvicorn_writes_it() ->
     theirs = await served_by(HttpToolsProtocol, app, GET, default_headers=[])
     assert ours[:2] == theirs[:2]
     assert ours[0].startswith(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+
+
+# --- header lines written out by the app (the RAW_HEADERS extension) -------------------------
+
+RATE_LIMIT_LINES = (
+    b"x-ratelimit-limit-requests: 10\r\nx-ratelimit-remaining-requests: 9\r\n"
+    b"x-ratelimit-reset-requests: 100ms\r\nx-ratelimit-limit-tokens: 1000\r\n"
+    b"x-ratelimit-remaining-tokens: 990\r\nx-ratelimit-reset-tokens: 1m0.6s\r\n"
+)
+
+
+def answering_with_lines(
+    status: int, headers: list[tuple[bytes, bytes]], lines: bytes, body: bytes
+) -> Any:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert RAW_HEADERS in scope["extensions"]
+        start = {"type": "http.response.start", "status": status, "headers": headers}
+        await send({**start, RAW_HEADERS: lines})
+        if body:  # in two parts, as answering() sends it
+            await send({"type": "http.response.body", "body": body[:3], "more_body": True})
+        await send({"type": "http.response.body", "body": body[3:]})
+
+    return app
+
+
+RAW_STARTS = {
+    "after pairs": (GET, 200, [(b"content-type", b"application/json"), (b"content-length", b"5")]),
+    "alone, chunked by default": (GET, 200, []),
+    "head": (b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n", 200, [(b"x-a", b"1")]),
+    "http/1.0": (b"GET / HTTP/1.0\r\n\r\n", 200, [(b"content-length", b"5")]),
+    "one line": (GET, 200, [(b"content-length", b"5")]),
+}
+
+
+@pytest.mark.parametrize("access_log", [False, True], ids=["", "access log on"])
+@pytest.mark.parametrize("case", RAW_STARTS)
+async def test_header_lines_are_written_as_uvicorn_writes_the_same_headers(
+    case: str, access_log: bool
+) -> None:
+    request, status, headers = RAW_STARTS[case]
+    lines = b"x-a: b\r\n" if case == "one line" else RATE_LIMIT_LINES
+    ours = await served_by(
+        ListenerProtocol,
+        answering_with_lines(status, headers, lines, b"hello"),
+        request,
+        access_log,
+    )
+    pairs = [*headers, *raw_header_pairs(lines)]
+    theirs = await served_by(
+        HttpToolsProtocol, answering(status, pairs, b"hello"), request, access_log
+    )
+    assert ours[:2] == theirs[:2]
+    assert b"\r\nx-ratelimit-reset-tokens: 1m0.6s\r\n" in ours[0] or case == "one line"
+
+
+@pytest.mark.parametrize("access_log", [False, True], ids=["", "access log on"])
+@pytest.mark.parametrize(
+    "lines",
+    [b"x-a: 1", b"\r\nx-a: 1\r\n", b"x-a: 1\r\n\r\nHTTP/1.1 200 OK\r\n", b"\r\n"],
+    ids=["no line end", "a blank line first", "a blank line inside", "only a blank line"],
+)
+async def test_header_lines_that_would_break_the_framing_get_a_500(
+    lines: bytes, access_log: bool
+) -> None:
+    app = answering_with_lines(200, [(b"content-length", b"5")], lines, b"hello")
+    written, _, _ = await served_by(ListenerProtocol, app, GET, access_log)
+    assert written.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+    assert b"x-a: 1" not in written and b"hello" not in written
+
+
+def test_raw_header_pairs_reads_lines_back() -> None:
+    assert raw_header_pairs(b"a: 1\r\nb: x: y\r\n") == [(b"a", b"1"), (b"b", b"x: y")]
+    assert raw_header_pairs(b"") == []
+
+
+# --- the server's default headers, written out once per list ---------------------------------
+
+DEFAULT_LISTS = {
+    "date and hsts": DEFAULT_HEADERS,
+    "an upper-case name": [(b"Server", b"bastion"), *DEFAULT_HEADERS],
+    "connection: close": [*DEFAULT_HEADERS, (b"connection", b"close")],
+    "a content-length": [(b"content-length", b"5"), *DEFAULT_HEADERS],
+    "a bad name": [(b"x a", b"1")],
+    "a bad value": [(b"x-a", b"1\r\n")],
+    "as lists": [[b"date", b"Mon, 23 Nov 2026 16:00:00 GMT"]],
+    "none": [],
+}
+
+
+@pytest.mark.parametrize("case", DEFAULT_LISTS)
+async def test_default_headers_are_written_as_uvicorn_writes_them(case: str) -> None:
+    app = answering(200, [(b"content-length", b"5"), (b"x-b", b"2")], b"hello")
+    defaults: list[Any] = DEFAULT_LISTS[case]
+    ours = await served_by(ListenerProtocol, app, GET, default_headers=defaults)
+    theirs = await served_by(HttpToolsProtocol, app, GET, default_headers=defaults)
+    assert ours[:2] == theirs[:2]
+
+
+async def test_a_new_default_list_each_second_is_written_anew() -> None:
+    app = answering(200, [(b"content-length", b"5")], b"hello")
+    for second in range(3):
+        defaults = [(b"date", b"Mon, 23 Nov 2026 16:00:0%d GMT" % second)]
+        ours = await served_by(ListenerProtocol, app, GET, default_headers=defaults)
+        theirs = await served_by(HttpToolsProtocol, app, GET, default_headers=defaults)
+        assert ours[:2] == theirs[:2]
+        assert b"\r\ndate: Mon, 23 Nov 2026 16:00:0%d GMT\r\n" % second in ours[0]
+
+
+def test_default_lines_are_made_once_per_list_and_not_for_lists_to_check_each_time() -> None:
+    lines = _DefaultLines()
+    defaults = [(b"date", b"d"), (b"strict-transport-security", b"max-age=1")]
+    made = lines.of(defaults)
+    assert made == b"date: d\r\nstrict-transport-security: max-age=1\r\n"
+    assert lines.of(defaults) is made
+    assert lines.of([(b"date", b"e")]) == b"date: e\r\n"
+    for unchecked in ([(b"Date", b"d")], [(b"connection", b"close")], [(b"x a", b"1")], []):
+        assert lines.of(unchecked) is None
