@@ -26,6 +26,9 @@ class Admitted:
     reserved_tokens: int
     response_headers: list[tuple[bytes, bytes]]
     priority: int | None
+    header_lines: bytes = b""
+    """The ``x-ratelimit-*`` headers written out, where the server takes them so
+    (gateway.asgi.RAW_HEADERS); then not in ``response_headers``."""
 
 
 class Admission:
@@ -39,7 +42,11 @@ class Admission:
     def counts_tokens(self) -> bool:
         return self._limiter is not None
 
-    async def admit(self, principal: Principal, model: str, body: dict[str, Any]) -> Admitted:
+    async def admit(
+        self, principal: Principal, model: str, body: dict[str, Any], raw_headers: bool = False
+    ) -> Admitted:
+        """``raw_headers``: the server offers gateway.asgi.RAW_HEADERS; the rate-limit
+        headers of an allowed request come as ``Admitted.header_lines`` then."""
         if not self._policy.allows(principal, model):
             raise Forbidden(
                 f"Your key is not allowed to use the model '{model}'.", code="model_not_allowed"
@@ -50,7 +57,11 @@ class Admission:
         reserved = estimate_tokens(body)
         decision = await self._limiter.check(principal.key_id, reserved)
         if decision.allowed:
-            return Admitted(reserved, decision.headers() if self._headers_always else [], priority)
+            if not self._headers_always:
+                return Admitted(reserved, [], priority)
+            if raw_headers:
+                return Admitted(reserved, [], priority, decision.header_lines())
+            return Admitted(reserved, decision.headers(), priority)
         headers = decision.headers()
         if decision.degraded:
             raise RateLimiterUnavailable("Rate limiting is unavailable; try again.")

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from gateway.admission import Admission
-from gateway.asgi import Receive, Scope, Send, read_body, request_id_of
+from gateway.asgi import Receive, Scope, Send, offers_raw_headers, read_body, request_id_of
 from gateway.audit_trail import AuditTrail, CallRecord
 from gateway.errors import Forbidden, GatewayError, InvalidRequest
 from gateway.middleware.auth import principal_of
@@ -114,7 +114,9 @@ class ModelEndpoint:
         model = self._pool.resolve_model(requested)
         if call is not None:
             call.model = model
-        admitted = await self._admission.admit(principal, requested, body)
+        admitted = await self._admission.admit(
+            principal, requested, body, offers_raw_headers(scope)
+        )
         stream = self._streams and body.get("stream") is True
 
         changes: dict[str, Any] = {}
@@ -138,6 +140,7 @@ class ModelEndpoint:
             stream=stream,
             request_id=request_id_of(scope),
             response_headers=admitted.response_headers,
+            header_lines=admitted.header_lines,
             hide_usage_chunk=hide_usage_chunk,
             watermark=self._watermark.for_model(model) if self._watermark is not None else None,
             audit=call,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from gateway.asgi import (
+    RAW_HEADERS,
     DisconnectGuard,
     Receive,
     Send,
@@ -56,6 +57,8 @@ class ProxyRequest:
     request_id: str
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     """Added to the answer (e.g. ``x-ratelimit-*``)."""
+    header_lines: bytes = b""
+    """Added to the answer as lines written out (gateway.asgi.RAW_HEADERS)."""
     hide_usage_chunk: bool = False
     """The gateway asked for usage in a stream the client did not: drop that chunk."""
     watermark: AnswerCheck | None = None
@@ -189,7 +192,10 @@ class Forwarder:
                 watermark=verdict,
                 answer=body,
             )
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        start = {"type": "http.response.start", "status": response.status, "headers": headers}
+        if request.header_lines:
+            start[RAW_HEADERS] = request.header_lines
+        await send(start)
         await send({"type": "http.response.body", "body": body})
         outcome.completed = True
 
@@ -208,17 +214,24 @@ class Forwarder:
                     watermark=None,
                     answer=body,
                 )
-            await send_json(send, response.status, body, self.response_headers(request, upstream))
+            await send_json(
+                send,
+                response.status,
+                body,
+                self.response_headers(request, upstream),
+                request.header_lines,
+            )
             outcome.completed = True
             return
         upstream.breaker.record_success()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [*_STREAM_HEADERS, *self.response_headers(request, upstream)],
-            }
-        )
+        start = {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [*_STREAM_HEADERS, *self.response_headers(request, upstream)],
+        }
+        if request.header_lines:
+            start[RAW_HEADERS] = request.header_lines
+        await send(start)
         await _pump_stream(request, upstream, response, send, outcome)
 
 

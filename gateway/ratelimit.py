@@ -27,6 +27,7 @@ from typing import Any, Literal, Protocol
 
 from redis.exceptions import NoScriptError
 
+from gateway.asgi import raw_header_pairs
 from gateway.config import RateLimitSettings
 from gateway.redis_wire import PipelinedRedis, bulk
 from monitors.metrics import RATELIMIT_BACKEND_ERRORS, RATELIMIT_BACKEND_UP
@@ -48,15 +49,19 @@ class Limits:
     request_rate: float
     token_capacity: int
     token_rate: float
-    limit_requests_header: tuple[bytes, bytes] = field(init=False, repr=False, compare=False)
-    limit_tokens_header: tuple[bytes, bytes] = field(init=False, repr=False, compare=False)
-    """``x-ratelimit-limit-*``: the same on every answer, so made once."""
+    header_lines_format: bytes = field(init=False, repr=False, compare=False)
+    """The six ``x-ratelimit-*`` header lines, the limits filled in, the rest to fill."""
 
     def __post_init__(self) -> None:
-        limit_requests = (b"x-ratelimit-limit-requests", b"%d" % self.request_capacity)
-        limit_tokens = (b"x-ratelimit-limit-tokens", b"%d" % self.token_capacity)
-        object.__setattr__(self, "limit_requests_header", limit_requests)
-        object.__setattr__(self, "limit_tokens_header", limit_tokens)
+        lines = (
+            b"x-ratelimit-limit-requests: %d\r\n"
+            b"x-ratelimit-remaining-requests: %%d\r\n"
+            b"x-ratelimit-reset-requests: %%s\r\n"
+            b"x-ratelimit-limit-tokens: %d\r\n"
+            b"x-ratelimit-remaining-tokens: %%d\r\n"
+            b"x-ratelimit-reset-tokens: %%s\r\n"
+        ) % (self.request_capacity, self.token_capacity)
+        object.__setattr__(self, "header_lines_format", lines)
 
     @classmethod
     def from_settings(cls, settings: RateLimitSettings) -> Limits:
@@ -146,34 +151,41 @@ class RateDecision:
             (need - tokens) / limits.token_rate if tokens < need else 0.0,
         )
 
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        """OpenAI's ``x-ratelimit-*`` headers, plus ``retry-after`` when refused.
-
-        ``retry-after-ms`` (read first by the official clients) goes with ``retry-after``
-        so that a client waits 200 ms rather than a whole second.
-        """
+    def header_lines(self) -> bytes:
+        """OpenAI's six ``x-ratelimit-*`` headers, written out as header lines (for the
+        listener's raw-headers extension, gateway.asgi.RAW_HEADERS): one format."""
         # On every answer: what _whole and format_reset do, written out (calls cost).
         limits, requests, tokens = self.limits, self.requests, self.tokens
         reset_requests = (limits.request_capacity - requests) / limits.request_rate
         ms = int(reset_requests * 1000.0 + 0.9995) if reset_requests > 0.0 else 0
-        reset_requests_bytes = b"%dms" % ms if 0 < ms < 1000 else _format_ms(ms).encode()
+        if ms <= 0:
+            reset_requests_bytes = b"0s"
+        elif ms < 1000:
+            reset_requests_bytes = b"%dms" % ms
+        else:
+            reset_requests_bytes = _format_ms(ms).encode()
         reset_tokens = (limits.token_capacity - tokens) / limits.token_rate
         ms = int(reset_tokens * 1000.0 + 0.9995) if reset_tokens > 0.0 else 0
-        reset_tokens_bytes = b"%dms" % ms if 0 < ms < 1000 else _format_ms(ms).encode()
-        headers = [
-            limits.limit_requests_header,
-            (
-                b"x-ratelimit-remaining-requests",
-                b"%d" % (int(requests + _EPSILON) if requests > 0.0 else 0),
-            ),
-            (b"x-ratelimit-reset-requests", reset_requests_bytes),
-            limits.limit_tokens_header,
-            (
-                b"x-ratelimit-remaining-tokens",
-                b"%d" % (int(tokens + _EPSILON) if tokens > 0.0 else 0),
-            ),
-            (b"x-ratelimit-reset-tokens", reset_tokens_bytes),
-        ]
+        if ms <= 0:
+            reset_tokens_bytes = b"0s"
+        elif ms < 1000:
+            reset_tokens_bytes = b"%dms" % ms
+        else:
+            reset_tokens_bytes = _format_ms(ms).encode()
+        return limits.header_lines_format % (
+            int(requests + _EPSILON) if requests > 0.0 else 0,
+            reset_requests_bytes,
+            int(tokens + _EPSILON) if tokens > 0.0 else 0,
+            reset_tokens_bytes,
+        )
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """OpenAI's ``x-ratelimit-*`` headers as pairs, plus ``retry-after`` when refused.
+
+        ``retry-after-ms`` (read first by the official clients) goes with ``retry-after``
+        so that a client waits 200 ms rather than a whole second.
+        """
+        headers = raw_header_pairs(self.header_lines())
         if not self.allowed:
             wait_ms = max(1, _ceil_ms(self.retry_after_s))
             headers.append((b"retry-after", b"%d" % max(1, math.ceil(wait_ms / 1000))))

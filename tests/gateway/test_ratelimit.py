@@ -324,3 +324,28 @@ async def test_build_rate_limiter() -> None:
     assert isinstance(redis, RedisRateLimiter)
     await memory.aclose()
     await redis.aclose()
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+@pytest.mark.parametrize(
+    ("requests", "tokens"),
+    [(9.0, 99_400.0), (0.0, -5_000.0), (10.0, 100_000.0), (0.3, 12.5), (1e-7, 99_999.9999)],
+)
+def test_the_header_lines_are_the_headers_written_out_and_valid_http(
+    allowed: bool, requests: float, tokens: float
+) -> None:
+    from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
+
+    d = decision(allowed=allowed, requests=requests, tokens=tokens)
+    lines = d.header_lines()
+    pairs = d.headers()[:6]  # retry-after* (refusals) are not among the lines
+    assert lines == b"".join(b"%s: %s\r\n" % pair for pair in pairs)
+    for name, value in pairs:
+        assert name == name.lower() and HEADER_RE.search(name) is None
+        assert value and HEADER_VALUE_RE.search(value) is None
+
+
+def test_long_resets_in_the_header_lines() -> None:
+    hours = RateDecision(Limits(10, 10 / 7200, 10**6, 10**6 / 60), True, 0.0, 0.0, 0)
+    assert b"x-ratelimit-reset-requests: 2h0m0s\r\n" in hours.header_lines()
+    assert b"x-ratelimit-reset-tokens: 1m0s\r\n" in hours.header_lines()
