@@ -60,6 +60,13 @@ leaf.cert_chain_pems[0].write_to_path(f"{work}/server.pem")
 leaf.private_key_pem.write_to_path(f"{work}/server.key")
 with open(f"{work}/master.key", "w") as out:
     out.write(base64.b64encode(os.urandom(32)).decode())
+# The audit log's signing key: without one, serve refuses to start (audit is on).
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+with open(f"{work}/signing.pem", "wb") as out:
+    out.write(Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ))
 with socket.socket() as sock:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -73,6 +80,7 @@ config = {
     "health_check": {"enabled": False},
     "rate_limits": {"enabled": False},
     "master_key_file": f"{work}/master.key",
+    "signing_key_file": f"{work}/signing.pem",
     "database_url": f"sqlite:///{work}/bastion.db",
 }
 with open(f"{work}/bastion.yaml", "w") as out:
