@@ -205,7 +205,7 @@ class RateLimitSettings(Section):
     """How long a check waits for Redis before the failure mode answers instead."""
     response_headers: Literal["always", "on_refusal"] = "always"
     """``x-ratelimit-*`` on every answer, as OpenAI does (``always``), or only on 429s;
-    six headers on every answer cost about 8 % of the gateway's instructions per request
+    six headers on every answer cost about 4 % of the gateway's instructions per request
     (bench/README.md, chain_instructions.py)."""
 
 
