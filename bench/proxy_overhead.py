@@ -16,6 +16,10 @@ Bastion runs three times: bare (no auth, no rate limits), as deployed on plain H
 check, in-memory rate limits) and with the whole access chain (TLS, key check, model
 allow-lists, rate limits in Redis); the difference to the bare one is the access chain's cost.
 
+On a noisy machine, `--shared-core` measures the proxies' high concurrency all at once on
+the gateway core, so that the machine's slow spells hit them alike and their throughput
+ratio is their cost ratio; every measurement also reports the proxy's CPU time per request.
+
 Needs: nginx and wrk on PATH (apt-get install nginx wrk), taskset (util-linux), for the
 LiteLLM target bench/.venv-litellm (bash bench/setup_litellm.sh), for bastion-secure
 redis-server on PATH (or a running Redis at --redis-url) and trustme (a dev dependency of the
@@ -45,6 +49,7 @@ import tempfile
 import time
 import urllib.parse
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -949,9 +954,39 @@ def preflight(endpoint: Endpoint, stream: bool) -> str | None:
 # --------------------------------------------------------------------------- wrk
 
 
+def process_group_cpu_s(pgids: set[int], proc_root: Path = Path("/proc")) -> float:
+    """CPU seconds (user + system) used so far by the live processes of these groups.
+
+    Read from /proc/PID/stat (Linux): fields 5 (pgrp), 14 (utime) and 15 (stime), the
+    latter two in clock ticks. A process that exits between two readings takes its time
+    with it, so this is for servers that stay up while measured.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    ticks = 0
+    for entry in proc_root.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone, or not ours to read
+            continue
+        # The command name (field 2) is in parentheses and may hold spaces or ')'.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) in pgids:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / tick
+
+
 def run_wrk(
-    ctx: Ctx, endpoint: Endpoint, stream: bool, connections: int, duration_s: int
+    ctx: Ctx,
+    endpoint: Endpoint,
+    stream: bool,
+    connections: int,
+    duration_s: int,
+    procs: list[Proc] | None = None,
 ) -> dict[str, Any]:
+    """One wrk measurement; with `procs` (the proxy's servers, each the leader of its
+    process group) also the CPU time the proxy spent per request while it ran."""
     env = dict(os.environ)
     env["BENCH_BODY"] = request_body(endpoint.model, stream)
     env["BENCH_API_KEY"] = endpoint.api_key
@@ -967,9 +1002,12 @@ def run_wrk(
         endpoint.url,
     ]
     load_before = os.getloadavg()[0]
+    pgids = {p.popen.pid for p in procs or ()}
+    cpu_before = process_group_cpu_s(pgids) if pgids else 0.0
     proc = subprocess.run(
         cmd, capture_output=True, text=True, env=env, timeout=duration_s + ctx.args.wrk_timeout + 60
     )
+    cpu_s = process_group_cpu_s(pgids) - cpu_before if pgids else None
     line = next((x for x in proc.stdout.splitlines() if x.startswith("BENCH_RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(
@@ -991,20 +1029,48 @@ def run_wrk(
         "error_total": n_err,
         "latency_ms": lat,
         "loadavg_1m_before": load_before,
+        # The proxy's CPU time per answered request: at the high concurrency the proxy is
+        # CPU-bound, so this is the inverse of its throughput without the idle gaps.
+        "cpu_s": cpu_s,
+        "cpu_us_per_request": cpu_s / raw["requests"] * 1e6
+        if cpu_s is not None and raw["requests"]
+        else None,
     }
 
 
 # --------------------------------------------------------------------------- the run
 
 
-def measure_target(ctx: Ctx, target: Target, scenarios: list[str]) -> dict[str, Any]:
+def print_run(name: str, scenario: str, r: dict[str, Any], how: str = "") -> None:
+    lat = r["latency_ms"]
+    flag = f"  !!! {r['error_total']} ERRORS {r['errors']}" if r["error_total"] else ""
+    cpu = r["cpu_us_per_request"]
+    cpu_note = "" if cpu is None else f", CPU {cpu:.1f} us/request"
+    print(
+        f"  {name}/{scenario} c={r['connections']}{how}: {r['rps']:.1f} rps,"
+        f" p50 {lat['p50']:.3f} ms, p99 {lat['p99']:.3f} ms{cpu_note}{flag}",
+        flush=True,
+    )
+
+
+def measure_target(
+    ctx: Ctx,
+    target: Target,
+    scenarios: list[str],
+    first: bool = True,
+    levels: tuple[int, ...] | None = None,
+) -> dict[str, Any]:
+    """Every scenario of one target at c=1 and at the high concurrency (or at `levels`).
+    `first`: the target was just started (preflight, setup check and warm-up); later
+    rounds of --interleave measure the same running servers again."""
     args = ctx.args
+    levels = levels or (1, args.connections)
     out: dict[str, Any] = {}
-    verify = target.verify
+    verify = target.verify if first else None
     for scenario in scenarios:
         stream = scenario == "stream"
         endpoint = target.stream if stream else target.chat
-        problem = preflight(endpoint, stream)
+        problem = preflight(endpoint, stream) if first else None
         if problem:
             print(f"  !!! {target.name}/{scenario}: preflight FAILED: {problem}", flush=True)
             out[scenario] = {"error": f"preflight failed: {problem}"}
@@ -1013,7 +1079,7 @@ def measure_target(ctx: Ctx, target: Target, scenarios: list[str]) -> dict[str, 
             problem, verify = verify(), None
             if problem:
                 raise RuntimeError(f"{target.name} is not set up as intended: {problem}")
-        if args.warmup > 0:
+        if first and args.warmup > 0:
             warm = run_wrk(ctx, endpoint, stream, args.connections, args.warmup)
             print(
                 f"  {target.name}/{scenario}: warm-up {warm['requests']} requests"
@@ -1021,24 +1087,44 @@ def measure_target(ctx: Ctx, target: Target, scenarios: list[str]) -> dict[str, 
                 flush=True,
             )
         res: dict[str, Any] = {}
-        for conns in (1, args.connections):
-            r = run_wrk(ctx, endpoint, stream, conns, args.duration)
+        for conns in levels:
+            r = run_wrk(ctx, endpoint, stream, conns, args.duration, target.procs)
             res[f"c{conns}"] = r
-            lat = r["latency_ms"]
-            flag = f"  !!! {r['error_total']} ERRORS {r['errors']}" if r["error_total"] else ""
-            print(
-                f"  {target.name}/{scenario} c={conns}: {r['rps']:.1f} rps,"
-                f" p50 {lat['p50']:.3f} ms, p99 {lat['p99']:.3f} ms{flag}",
-                flush=True,
-            )
+            print_run(target.name, scenario, r)
         out[scenario] = res
     return out
 
 
+def measure_together(
+    ctx: Ctx, targets: list[Target], scenario: str
+) -> dict[str, dict[str, Any] | Exception]:
+    """--shared-core: the high concurrency on every target at once, one wrk each.
+
+    The targets' servers share the gateway core, so each gets about an equal share of it
+    and a slow spell of the machine hits all of them in the same seconds: the ratio of
+    their throughputs is the ratio of their CPU costs per request, and it holds still
+    where measurements taken one after the other drift apart."""
+    stream = scenario == "stream"
+
+    def one(target: Target) -> dict[str, Any] | Exception:
+        endpoint = target.stream if stream else target.chat
+        try:
+            return run_wrk(
+                ctx, endpoint, stream, ctx.args.connections, ctx.args.duration, target.procs
+            )
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=len(targets)) as pool:
+        return dict(zip((t.name for t in targets), pool.map(one, targets), strict=True))
+
+
 def median_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Combine the rounds of one (target, scenario, concurrency): medians, errors summed."""
+    cpus = [r.get("cpu_us_per_request") for r in runs]
+    per_round_cpu = cpus if all(c is not None for c in cpus) else None
     if len(runs) == 1:
-        return runs[0]
+        return {**runs[0], "per_round_rps": [runs[0]["rps"]], "per_round_cpu_us": per_round_cpu}
     lat_keys = runs[0]["latency_ms"].keys()
     errors = {k: sum(r["errors"][k] for r in runs) for k in runs[0]["errors"]}
     return {
@@ -1052,7 +1138,9 @@ def median_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "errors": errors,
         "error_total": sum(errors.values()),
         "latency_ms": {k: statistics.median(r["latency_ms"][k] for r in runs) for k in lat_keys},
+        "cpu_us_per_request": None if per_round_cpu is None else statistics.median(per_round_cpu),
         "per_round_rps": [r["rps"] for r in runs],
+        "per_round_cpu_us": per_round_cpu,
         "per_round_loadavg_1m_before": [r.get("loadavg_1m_before") for r in runs],
     }
 
@@ -1132,6 +1220,13 @@ def derive(results: dict[str, Any], scenario: str, conns: int) -> dict[str, Any]
     return out
 
 
+def paired_costs(variant_rps: list[float] | None, bare_rps: list[float] | None) -> list[float]:
+    """1 - variant / bare, round by round; empty unless both have the same rounds."""
+    if not variant_rps or not bare_rps or len(variant_rps) != len(bare_rps):
+        return []
+    return [1 - v / b for v, b in zip(variant_rps, bare_rps, strict=True) if b]
+
+
 def access_chain(results: dict[str, Any], scenario: str, conns: int) -> dict[str, Any]:
     """What the access chain costs: each CHAIN_VARIANTS target against bastion-bare."""
     hi = f"c{conns}"
@@ -1147,6 +1242,7 @@ def access_chain(results: dict[str, Any], scenario: str, conns: int) -> dict[str
             continue
         notes = results[variant].get("setup", {}).get("notes", [])
         extra = any(n.startswith("--bastion-extra") for n in notes)
+        vcpu, bcpu = vhi.get("cpu_us_per_request"), bhi.get("cpu_us_per_request")
         out[variant] = {
             "against": CHAIN_BASE,
             "what": VARIANT_WHAT[variant] + (" (changed by --bastion-extra)" if extra else ""),
@@ -1157,6 +1253,15 @@ def access_chain(results: dict[str, Any], scenario: str, conns: int) -> dict[str
             f"rps_{hi}_bare": bhi["rps"],
             # The share of the bare proxy's throughput that the access chain costs.
             f"rps_cost_{hi}": 1 - vhi["rps"] / bhi["rps"] if bhi["rps"] else None,
+            # Round i of the variant against round i of the bare proxy: with --interleave
+            # the two ran seconds apart, on the same servers.
+            f"rps_cost_{hi}_per_round": paired_costs(
+                vhi.get("per_round_rps"), bhi.get("per_round_rps")
+            ),
+            # The extra CPU time per request, the cost the machine's speed moves least.
+            f"cpu_cost_{hi}": vcpu / bcpu - 1 if vcpu is not None and bcpu else None,
+            f"cpu_us_per_request_{hi}": vcpu,
+            f"cpu_us_per_request_{hi}_bare": bcpu,
             "had_errors": any(r["error_total"] for r in (b1, bhi, v1, vhi)),
         }
     return out
@@ -1232,21 +1337,25 @@ def print_tables(results: dict[str, Any], scenario: str, conns: int, title: str)
         print()
         header = (
             f"{'access chain':<{TW}} {'+p50@1 ms':>10} {'+p99@1 ms':>10}"
-            f" {'+p50@' + str(conns) + ' ms':>11} {'rps@' + str(conns) + ' cost':>12}  what"
+            f" {'+p50@' + str(conns) + ' ms':>11} {'rps@' + str(conns) + ' cost':>12}"
+            f" {'CPU/req':>8}  what"
         )
         print(header)
         print("-" * 110)
         for variant, c in chain.items():
             cost = c[f"rps_cost_{hi}"]
+            cpu = c[f"cpu_cost_{hi}"]
             print(
                 f"{variant:<{TW}} {fmt(c['added_p50_c1_ms']):>10} {fmt(c['added_p99_c1_ms']):>10}"
                 f" {fmt(c[f'added_p50_{hi}_ms']):>11}"
-                f" {'-' if cost is None else f'{cost * 100:.1f}%':>12}  {c['what']}"
+                f" {'-' if cost is None else f'{cost * 100:.1f}%':>12}"
+                f" {'-' if cpu is None else f'{cpu * 100:+.1f}%':>8}  {c['what']}"
                 f"{'  !!! ERRORS' if c['had_errors'] else ''}"
             )
         print(
             f"(against {CHAIN_BASE}, {VARIANT_WHAT[CHAIN_BASE]}; cost: 1 - rps@{conns}"
-            f" / rps@{conns} of {CHAIN_BASE})"
+            f" / rps@{conns} of {CHAIN_BASE}; CPU/req: the gateway's CPU time per request"
+            f" at c={conns} over {CHAIN_BASE}'s)"
         )
 
 
@@ -1315,7 +1424,7 @@ def print_verdict(v: dict[str, Any], conns: int) -> None:
         print(f"  !!! {name} had errors during the measurement: the numbers above are suspect.")
 
 
-def print_chain_verdict(chain: dict[str, Any], conns: int) -> None:
+def print_chain_verdict(chain: dict[str, Any], conns: int, shared_core: bool = False) -> None:
     hi = f"c{conns}"
     print(f"Access chain (non-streaming), against {CHAIN_BASE} ({VARIANT_WHAT[CHAIN_BASE]}):")
     if not chain:
@@ -1329,11 +1438,24 @@ def print_chain_verdict(chain: dict[str, Any], conns: int) -> None:
             f" (target <= {TARGET_CHAIN_ADDED_P50_MS:g} ms):"
             f" {verdict_word(c['added_p50_c1_pass'], bad)}"
         )
+        how = ", side by side on one core" if shared_core else ""
         print(
-            f"    throughput cost at c={conns}: {'-' if cost is None else f'{cost * 100:.1f}%'}"
+            f"    throughput cost at c={conns}{how}:"
+            f" {'-' if cost is None else f'{cost * 100:.1f}%'}"
             f" ({c[f'rps_{hi}']:.0f} vs {c[f'rps_{hi}_bare']:.0f} rps;"
             f" target <= {TARGET_CHAIN_RPS_COST * 100:g}%): {verdict_word(c['rps_cost_pass'], bad)}"
         )
+        per_round = c[f"rps_cost_{hi}_per_round"]
+        if len(per_round) > 1:
+            shown = ", ".join(f"{x * 100:.1f}" for x in per_round)
+            print(f"      per round: {shown} % (median {statistics.median(per_round) * 100:.1f} %)")
+        cpu = c[f"cpu_cost_{hi}"]
+        if cpu is not None:
+            print(
+                f"      CPU time per request at c={conns}: {cpu * 100:+.1f}%"
+                f" ({c[f'cpu_us_per_request_{hi}']:.1f} vs"
+                f" {c[f'cpu_us_per_request_{hi}_bare']:.1f} us)"
+            )
         if bad:
             print(f"    !!! errors during the measurement of {variant} or {CHAIN_BASE}")
 
@@ -1414,6 +1536,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also measure stream: true requests (secondary table)",
     )
     p.add_argument("--rounds", type=int, default=1, help="repeat everything; report medians")
+    p.add_argument(
+        "--shared-core",
+        action="store_true",
+        help="measure the proxies' high concurrency all at once, every proxy's servers on"
+        " the gateway core (one wrk each): the throughputs then compare CPU cost per request"
+        " in the same seconds; implies --interleave (c=1 stays one target at a time)",
+    )
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="start every target once and keep it up: each round measures each target in"
+        " turn on the same servers (warm-up in the first round only), so a slow spell of the"
+        " machine hits every target alike; use with many short rounds",
+    )
     p.add_argument("--gateway-cpu", type=int, default=0, help="core for the proxy under test")
     p.add_argument("--load-cpu", type=int, default=1, help="core for wrk and the static upstream")
     p.add_argument("--no-pin", action="store_true", help="do not use taskset")
@@ -1450,6 +1586,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown or not targets:
         p.error(f"--targets: unknown {unknown}; choose from {','.join(ALL_TARGETS)}")
     args.target_list = [t for t in ALL_TARGETS if t in targets]  # fixed order
+    if args.shared_core:
+        args.interleave = True
     if args.duration < 1 or args.rounds < 1 or args.connections < 2:
         p.error("--duration and --rounds must be >= 1, --connections >= 2")
     return args
@@ -1464,6 +1602,41 @@ def check_tools(args: argparse.Namespace) -> None:
             f"proxy_overhead: missing {', '.join(missing)}; install with "
             "`apt-get install -y nginx wrk util-linux` (do not start the nginx service)"
         )
+
+
+def measure_shared_round(
+    ctx: Ctx,
+    live: dict[str, Target],
+    rounds: dict[str, list[dict[str, Any]]],
+    status: dict[str, dict[str, str]],
+    scenarios: list[str],
+) -> None:
+    """--shared-core: this round's high-concurrency figures of every live proxy, taken
+    together (measure_together) and filed into the round measure_target began."""
+    hi = f"c{ctx.args.connections}"
+    for scenario in scenarios:
+        group = [
+            t
+            for name, t in live.items()
+            if t.procs
+            and name not in status
+            and rounds[name]
+            and "error" not in rounds[name][-1].get(scenario, {"error": ""})
+        ]
+        if not group:
+            continue
+        names = ", ".join(t.name for t in group)
+        print(f"\n[{names}] c={ctx.args.connections} at once, sharing one core", flush=True)
+        for name, r in measure_together(ctx, group, scenario).items():
+            if isinstance(r, Exception):
+                print(f"  !!! {name} FAILED: {r}", flush=True)
+                status[name] = {"error": str(r)}
+                rounds[name].pop()  # this round has no high-concurrency figure
+                for proc in live.pop(name).procs:
+                    ctx.processes.stop(proc)
+                continue
+            rounds[name][-1][scenario][hi] = r
+            print_run(name, scenario, r, " (shared core)")
 
 
 def _interrupt_on_sigterm(signum: int, frame: object) -> None:
@@ -1504,7 +1677,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"  run      {args.duration}s per measurement, {args.warmup}s warm-up,"
-        f" c=1 and c={args.connections}, rounds={args.rounds}, scenarios={scenarios}; {pin}"
+        f" c=1 and c={args.connections}, rounds={args.rounds}"
+        f"{' (interleaved: targets started once)' if args.interleave else ''},"
+        f" scenarios={scenarios}; {pin}"
     )
     print(f"  workdir  {workdir}")
     load1 = os.getloadavg()[0]
@@ -1525,20 +1700,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"!!! could not start the static upstream: {exc}", file=sys.stderr)
             return 1
         print(f"  static upstream: JSON on :{ctx.json_port}, SSE on :{ctx.sse_port}")
+        live: dict[str, Target] = {}  # --interleave: started once, measured every round
         for rnd in range(args.rounds):
             for name in args.target_list:
                 if name in status:  # skipped or failed in an earlier round
                     continue
                 print(f"\n[{name}] round {rnd + 1}/{args.rounds}", flush=True)
-                target: Target | None = None
+                target: Target | None = live.get(name)
+                first = target is None
                 try:
-                    t0 = time.monotonic()
-                    target = STARTERS[name](ctx)
-                    if target.procs:
-                        print(f"  started in {time.monotonic() - t0:.1f}s", flush=True)
-                    if target.info:
-                        setup[name] = target.info
-                    rounds[name].append(measure_target(ctx, target, scenarios))
+                    if target is None:
+                        t0 = time.monotonic()
+                        target = STARTERS[name](ctx)
+                        if target.procs:
+                            print(f"  started in {time.monotonic() - t0:.1f}s", flush=True)
+                        if target.info:
+                            setup[name] = target.info
+                        if args.interleave:
+                            live[name] = target
+                    # --shared-core: the proxies' high concurrency comes after the round.
+                    levels = (1,) if args.shared_core and target.procs else None
+                    rounds[name].append(measure_target(ctx, target, scenarios, first, levels))
                 except SkipTarget as exc:
                     print(f"  SKIPPED {name}: {exc}", flush=True)
                     status[name] = {"skipped": str(exc)}
@@ -1546,11 +1728,14 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  !!! {name} FAILED: {exc}", flush=True)
                     status[name] = {"error": str(exc)}
                 finally:
-                    if target is not None:
+                    if target is not None and (not args.interleave or name in status):
+                        live.pop(name, None)
                         for proc in target.procs:
                             processes.stop(proc)
                 if not upstream.alive():
                     raise RuntimeError(f"static upstream died; log:\n{upstream.log_tail()}")
+            if args.shared_core:
+                measure_shared_round(ctx, live, rounds, status, scenarios)
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: stopping everything", file=sys.stderr)
@@ -1575,6 +1760,11 @@ def main(argv: list[str] | None = None) -> int:
             results[name]["setup"] = setup[name]
 
     title_rounds = f", median of {args.rounds} rounds" if args.rounds > 1 else ""
+    if args.shared_core:
+        title_rounds += (
+            f"; the proxies' c={args.connections} measured all at once on one core"
+            " (--shared-core): each rps@32 is a share of that core, compare ratios"
+        )
     print_tables(
         results,
         "chat",
@@ -1599,7 +1789,7 @@ def main(argv: list[str] | None = None) -> int:
             print_verdict(verdicts[t], args.connections)
     if CHAIN_BASE in args.target_list and any(t in args.target_list for t in CHAIN_VARIANTS):
         print()
-        print_chain_verdict(chain, args.connections)
+        print_chain_verdict(chain, args.connections, args.shared_core)
 
     flagged = [
         f"{t}/{s}/{k}: {r['error_total']} errors ({error_str(r['errors'])})"
@@ -1634,6 +1824,8 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_s": args.warmup,
             "connections": [1, args.connections],
             "rounds": args.rounds,
+            "interleave": args.interleave,
+            "shared_core": args.shared_core,
             "targets": args.target_list,
             "scenarios": scenarios,
             "gateway_cpu": gateway_cpu,
