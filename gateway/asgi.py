@@ -120,12 +120,14 @@ class DisconnectGuard:
         self._watcher: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> DisconnectGuard:
-        task = asyncio.current_task()
+        # One get_running_loop (on Python 3.11 a getpid() system call), not two.
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
         assert task is not None
         self._task = task
         self._armed = True
         if self._delay > 0:
-            self._timer = asyncio.get_running_loop().call_later(self._delay, self._start_watch)
+            self._timer = loop.call_later(self._delay, self._start_watch)
         else:
             self._start_watch()
         return self

@@ -54,6 +54,9 @@ class _Connection(asyncio.Protocol):
     """One keep-alive connection; the parser's callbacks feed the current response."""
 
     def __init__(self) -> None:
+        # Kept: on Python 3.11 every asyncio.get_running_loop() is a getpid() system call
+        # (its fork check); each answer waits at least once (HttpResponse._wait).
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
@@ -187,7 +190,7 @@ class HttpResponse:
 
     async def _wait(self) -> None:
         """Until something new arrives, the answer fails, or the read timeout passes."""
-        loop = asyncio.get_running_loop()
+        loop = self._conn.loop
         waiter = self._waiter = loop.create_future()
         timer = loop.call_later(self._read_s, _expire, waiter)
         try:
