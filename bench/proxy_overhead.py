@@ -787,8 +787,13 @@ def start_bastion(ctx: Ctx, name: str) -> Target:
     cwd.mkdir(exist_ok=True)
     cfg = cwd / "bastion.yaml"
     env = clean_env(("BASTION_",))
-    # A production start needs a master key (32 random bytes, base64); a fresh one per run.
+    # A production start needs a master key (32 random bytes, base64) and, with the audit
+    # log on (the default), its Ed25519 signing key: fresh ones per run.
     env["BASTION_MASTER_KEY"] = base64.b64encode(os.urandom(32)).decode()
+    signing_key = cwd / "signing.pem"
+    if not signing_key.exists():
+        bastion_cli(["secrets", "create-signing-key", str(signing_key)], env, cwd)
+    env["BASTION_SIGNING_KEY_FILE"] = str(signing_key)
     config: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": port, "workers": 1},
         "upstreams": [
