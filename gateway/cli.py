@@ -128,6 +128,8 @@ def _run_server(settings: Settings, config: Path | None, log_level: str, access_
         "proxy_headers": False,
         "server_header": False,
         "timeout_graceful_shutdown": 10,
+        # gateway.listener bounds a request's head by it (uvicorn's h11 as well).
+        "h11_max_incomplete_event_size": server.max_header_bytes,
         "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         # httptools through gateway.listener (writes coalesced per loop turn), else h11.
         "http": LISTENER_PROTOCOL if http_parser == "httptools" else "h11",

@@ -110,6 +110,9 @@ class ServerSettings(Section):
     port: int = Field(default=8080, ge=0, le=65535)
     workers: int = Field(default=1, ge=1, le=256)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    """The most a request's head (target and headers) may take: a larger one is answered
+    431 and its connection closed, before the rest of it is read."""
     tls: TLSSettings | None = None
     expose_upstream_header: bool = True
     """Send ``x-bastion-upstream`` (the serving upstream's name) on proxied responses."""

@@ -13,15 +13,28 @@ reordered and nothing waits longer than the current turn; a close flushes first.
 :class:`ListenerProtocol` is what ``bastion serve`` runs with httptools, TLS or not. On
 a TLS connection it also adds the ASGI TLS extension (see :mod:`gateway.tls`) to every
 request's scope, computed once per connection.
+
+It also bounds a request's head (request line and headers), which httptools would
+otherwise gather without limit, a header value growing by concatenation until it ends: a
+head over ``max_head_bytes`` (uvicorn's ``h11_max_incomplete_event_size``, which
+``bastion serve`` sets from ``server.max_header_bytes``) is answered 431 in OpenAI's
+error shape and the connection is closed (after reading and dropping, for up to
+``LINGER_S``, what the client still sends, so that it can read the answer). A complete
+head is measured exactly; one still arriving is refused once the reads since its first
+one exceed the limit, so a connection holds at most the limit and one read (256 KiB on
+uvloop) of an unfinished head.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import re
 import types
 from typing import Any
 
+import httptools
 from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import (
     HEADER_RE,
@@ -33,6 +46,15 @@ from uvicorn.protocols.http.httptools_impl import (
 
 from gateway.asgi import RAW_HEADERS, raw_header_pairs
 from gateway.tls import connection_tls
+
+log = logging.getLogger("gateway.listener")
+
+# What a request's head may take when the server's config does not say (nginx allows four
+# 8 KiB header lines, Envoy 60 KiB, Node.js 16 KiB): room for large cookies or tokens.
+DEFAULT_MAX_HEAD_BYTES = 64 * 1024
+
+# After a 431, how long what the client still sends is read and dropped before the close.
+LINGER_S = 2.0
 
 # Above this many bytes held, a write goes out at once: a producer that writes a lot in
 # one turn must meet the transport's own flow control (pause_writing) in time.
@@ -272,29 +294,126 @@ class ListenerCycle(RequestResponseCycle):
         self.transport.write(b"".join(content))
 
 
+class RequestHeadTooLarge(Exception):
+    """A complete request head over the limit (raised in the parser's callback)."""
+
+
+def head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+    """A parsed head's size as it came: the target, and each header's ``name: value``
+    line (the method and version, a few bytes, are left out)."""
+    return len(url) + sum(len(name) + len(value) + 4 for name, value in headers)
+
+
 class ListenerProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol over :class:`CoalescedWrites`, with
-    :class:`ListenerCycle` for each request, plus the ASGI TLS extension on TLS
-    connections."""
+    :class:`ListenerCycle` for each request, the ASGI TLS extension on TLS connections,
+    and a bounded request head (431 above ``max_head_bytes``)."""
 
     _tls: dict[str, Any] | None = None
+    max_head_bytes = DEFAULT_MAX_HEAD_BYTES
+    # The head being read: whether one is (from the parser's message begin to its
+    # headers complete), the length of the read it began in, and the bytes of the reads
+    # after that one.
+    _in_head = False
+    _begin_read = 0
+    _head_bytes = 0
+    _read = 0
+    _refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescedWrites(transport, self.loop))
         self._tls = connection_tls(transport)
+        limit = self.config.h11_max_incomplete_event_size
+        if limit is not None:
+            self.max_head_bytes = limit
+
+    def data_received(self, data: bytes) -> None:
+        # uvicorn's, with the head's bytes counted and the 431.
+        if self._refused:
+            return  # the rest of a refused head: dropped unread
+        self._unset_keepalive_if_required()
+        read = self._read = len(data)
+        if self._in_head:
+            self._head_bytes += read
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, RequestHeadTooLarge):
+                self.refuse_head()
+                return
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        if self._in_head and self._head_bytes > self.max_head_bytes:
+            self.refuse_head()  # still arriving, and over the limit already
+
+    def refuse_head(self) -> None:
+        """431 in OpenAI's error shape, then close.
+
+        What the client still sends is read and dropped for up to LINGER_S, as nginx's
+        lingering close does: closing with unread input would reset the connection, and a
+        client still sending its head could lose the 431 before reading it."""
+        limit = self.max_head_bytes
+        log.warning("request head over %d bytes: answered 431 and closed", limit)
+        body = json.dumps(
+            {
+                "error": {
+                    "message": f"The request's headers exceed the limit of {limit} bytes.",
+                    "type": "invalid_request_error",
+                    "code": "request_headers_too_large",
+                    "param": None,
+                }
+            }
+        ).encode()
+        content = [b"HTTP/1.1 431 Request Header Fields Too Large\r\n"]
+        for name, value in self.server_state.default_headers:
+            content.extend([name, b": ", value, b"\r\n"])
+        content.extend(
+            [
+                b"content-type: application/json\r\n",
+                b"content-length: %d\r\n" % len(body),
+                b"connection: close\r\n",
+                b"\r\n",
+                body,
+            ]
+        )
+        self._in_head = False
+        self._refused = True
+        self.transport.write(b"".join(content))
+        self.loop.call_later(LINGER_S, self.transport.close)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._in_head = True
+        self._begin_read = self._read
+        self._head_bytes = 0
         if self._tls is not None:
             self.scope["extensions"] = {"tls": self._tls, RAW_HEADERS: {}}  # type: ignore[dict-item]
         else:
             self.scope["extensions"] = {RAW_HEADERS: {}}  # type: ignore[dict-item]
 
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        # The head is at most the read it began in and the reads since: measured exactly
+        # only when those could hold more than the limit.
+        limit = self.max_head_bytes
+        could_be_over = self._head_bytes + self._begin_read > limit
+        if could_be_over and head_size(self.url, self.headers) > limit:
+            raise RequestHeadTooLarge
+        self._start_cycle()
+
     # uvicorn's own on_headers_complete, run with ListenerCycle where it names
     # RequestResponseCycle: the same code, building our cycle. (Changing a built cycle's
     # __class__ instead defeats CPython's attribute caches for the whole request: it
     # cost more than the faster response start saved.)
-    on_headers_complete = types.FunctionType(
+    _start_cycle = types.FunctionType(
         HttpToolsProtocol.on_headers_complete.__code__,
         {**vars(httptools_impl), "RequestResponseCycle": ListenerCycle},
         "on_headers_complete",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import re
 import socket
 from typing import Any
 
@@ -13,8 +15,10 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from gateway import listener
 from gateway.asgi import RAW_HEADERS, raw_header_pairs
 from gateway.listener import (
+    DEFAULT_MAX_HEAD_BYTES,
     FLUSH_ABOVE,
     NAME_MARKS,
     VALUE_MARKS,
@@ -22,6 +26,7 @@ from gateway.listener import (
     ListenerCycle,
     ListenerProtocol,
     _DefaultLines,
+    head_size,
 )
 
 
@@ -479,3 +484,167 @@ def test_default_lines_are_made_once_per_list_and_not_for_lists_to_check_each_ti
     assert lines.of([(b"date", b"e")]) == b"date: e\r\n"
     for unchecked in ([(b"Date", b"d")], [(b"connection", b"close")], [(b"x a", b"1")], []):
         assert lines.of(unchecked) is None
+
+
+# --- the request head's limit ------------------------------------------------------------
+
+
+class Recorder:
+    """An app that answers 200 with the size of the body it read, and counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.calls += 1
+        size = 0
+        while True:
+            message = await receive()
+            size += len(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = b"%d" % size
+        headers = [(b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def serve_reads(
+    app: Any, reads: list[bytes], max_head: int | None
+) -> tuple[RecordingTransport, int]:
+    """Feed the reads one by one, as the socket would deliver them, until the protocol
+    closes the connection; also how many bytes it had been given when it first wrote."""
+    config = uvicorn.Config(
+        app,
+        lifespan="off",
+        log_level="error",
+        http=ListenerProtocol,
+        h11_max_incomplete_event_size=max_head,
+    )
+    config.load()
+    protocol = ListenerProtocol(config, ServerState(), {}, asyncio.get_running_loop())
+    transport = RecordingTransport()
+    protocol.connection_made(transport)
+    given = 0
+    given_at_first_write = -1
+    for read in reads:
+        if transport.closing:
+            break
+        protocol.data_received(read)
+        given += len(read)
+        await next_turn()
+        if transport.writes and given_at_first_write < 0:
+            given_at_first_write = given
+    for _ in range(100):
+        await asyncio.sleep(0.002)
+        if not protocol.cycle or protocol.cycle.response_complete:
+            break
+    await next_turn()
+    transport.given = given  # type: ignore[attr-defined]
+    protocol.connection_lost(None)
+    return transport, given_at_first_write
+
+
+@pytest.fixture
+def short_linger(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(listener, "LINGER_S", 0.0)
+
+
+def padded_head(size: int) -> bytes:
+    """A GET whose head measures exactly `size` (gateway.listener.head_size)."""
+    head = [(b"host", b"x")]
+    pad = size - head_size(b"/", [*head, (b"x-pad", b"")])
+    head.append((b"x-pad", b"p" * pad))
+    assert head_size(b"/", head) == size
+    return b"GET / HTTP/1.1\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in head) + b"\r\n"
+
+
+def answers(transport: RecordingTransport) -> list[tuple[int, bytes]]:
+    data = b"".join(transport.writes)
+    found = []
+    while data:
+        end = data.index(b"\r\n\r\n") + 4
+        length = int(re.search(rb"content-length: (\d+)", data[:end]).group(1))  # type: ignore[union-attr]
+        found.append((int(data[9:12]), data[end : end + length]))
+        data = data[end + length :]
+    return found
+
+
+@pytest.mark.usefixtures("short_linger")
+async def test_a_head_over_the_limit_gets_431_in_openai_shape_and_a_close() -> None:
+    app = Recorder()
+    transport, _ = await serve_reads(app, [padded_head(1025)], max_head=1024)
+    assert transport.calls[:2] == ["write", "close"]
+    [(status, body)] = answers(transport)
+    assert status == 431
+    assert json.loads(body) == {
+        "error": {
+            "message": "The request's headers exceed the limit of 1024 bytes.",
+            "type": "invalid_request_error",
+            "code": "request_headers_too_large",
+            "param": None,
+        }
+    }
+    assert b"connection: close\r\n" in transport.writes[0]
+    assert app.calls == 0
+
+
+async def test_a_head_at_the_limit_is_served() -> None:
+    app = Recorder()
+    transport, _ = await serve_reads(app, [padded_head(1024)], max_head=1024)
+    assert answers(transport) == [(200, b"0")]
+    assert app.calls == 1
+
+
+@pytest.mark.parametrize("split", [1, 20, 600, 1000])
+async def test_a_head_over_the_limit_split_over_reads_is_refused(split: int) -> None:
+    head = padded_head(1025)
+    transport, _ = await serve_reads(Recorder(), [head[:split], head[split:]], max_head=1024)
+    assert [status for status, _ in answers(transport)] == [431]
+
+
+async def test_a_head_still_arriving_is_refused_within_one_read_of_the_limit() -> None:
+    """...and what follows is read and dropped (the client may still be sending when the
+    431 goes out: closing on unread input would reset the connection under its read)."""
+    start = b"GET / HTTP/1.1\r\nHost: x\r\nX-Endless: "
+    reads = [start] + [b"a" * 100] * 2_000 + [b"\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n"]
+    app = Recorder()
+    transport, answered_at = await serve_reads(app, reads, max_head=4096)
+    assert answered_at <= len(start) + 4096 + 100  # the limit, and the read it began in
+    assert [status for status, _ in answers(transport)] == [431]  # nothing more: dropped
+    assert app.calls == 0
+    assert transport.given == sum(map(len, reads))  # type: ignore[attr-defined]  # not closed
+
+
+@pytest.mark.usefixtures("short_linger")
+async def test_the_connection_closes_after_the_linger() -> None:
+    transport, _ = await serve_reads(Recorder(), [padded_head(2048)], max_head=1024)
+    assert transport.calls[:2] == ["write", "close"]
+
+
+async def test_many_small_headers_count_too() -> None:
+    head = b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(2000))
+    transport, _ = await serve_reads(Recorder(), [head + b"\r\n"], max_head=8192)
+    assert [status for status, _ in answers(transport)] == [431]
+
+
+@pytest.mark.parametrize("read_size", [100, 4096, 300_000])
+async def test_bodies_do_not_count_against_the_head(read_size: int) -> None:
+    """Two requests on one connection, each a small head and a body far over the limit,
+    in reads of every size: one read holding both, or heads and bodies mixed."""
+    body = b"b" * 200_000
+    request = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    data = request * 2
+    reads = [data[i : i + read_size] for i in range(0, len(data), read_size)]
+    app = Recorder()
+    transport, _ = await serve_reads(app, reads, max_head=1024)
+    assert answers(transport) == [(200, b"200000"), (200, b"200000")]
+    assert app.calls == 2
+
+
+@pytest.mark.usefixtures("short_linger")
+async def test_the_default_limit_applies_without_a_setting() -> None:
+    transport, _ = await serve_reads(Recorder(), [padded_head(DEFAULT_MAX_HEAD_BYTES)], None)
+    assert [status for status, _ in answers(transport)] == [200]
+    transport, _ = await serve_reads(Recorder(), [padded_head(DEFAULT_MAX_HEAD_BYTES + 1)], None)
+    assert [status for status, _ in answers(transport)] == [431]

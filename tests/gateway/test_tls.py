@@ -733,6 +733,7 @@ def test_gateway_serves_https_with_hsts_and_two_workers(pki: PKI, tmp_path: Path
             {
                 "server": {
                     "workers": 2,
+                    "max_header_bytes": 4096,
                     "tls": {"certfile": str(pki.server_cert), "keyfile": str(pki.server_key)},
                 },
                 "upstreams": [upstream_entry(up, ca_file=pki.ca)],
@@ -746,6 +747,13 @@ def test_gateway_serves_https_with_hsts_and_two_workers(pki: PKI, tmp_path: Path
                 assert response.status_code == 200
                 hsts = response.headers["strict-transport-security"]
                 assert hsts == "max-age=31536000; includeSubDomains"
+            # server.max_header_bytes reaches every worker's listener, over TLS too.
+            response = client.get("/healthz", headers={"x-pad": "p" * 3000})
+            assert response.status_code == 200
+            response = client.get("/healthz", headers={"x-pad": "p" * 5000})
+            assert response.status_code == 431
+            assert response.json()["error"]["code"] == "request_headers_too_large"
+            assert response.headers["strict-transport-security"] == hsts
         for _ in range(4):
             refused(gw.port, client_context(None, version=ssl.TLSVersion.TLSv1_1))
             assert echo_status(gw.port, client_context(pki.ca, version=ssl.TLSVersion.TLSv1_2))
