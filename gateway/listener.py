@@ -23,6 +23,12 @@ error shape and the connection is closed (after reading and dropping, for up to
 head is measured exactly; one still arriving is refused once the reads since its first
 one exceed the limit, so a connection holds at most the limit and one read (256 KiB on
 uvloop) of an unfinished head.
+
+A head must also arrive in time: ``HEAD_TIMEOUT_S`` from a new connection, or from the
+first read of a head that one read did not complete (uvicorn times out only the idle
+time between requests). A late head gets 408 and the connection is closed; a new
+connection that sent nothing at all is closed without an answer. Heads that arrive in
+one read, nearly all of them, never start the timer.
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ DEFAULT_MAX_HEAD_BYTES = 64 * 1024
 
 # After a 431, how long what the client still sends is read and dropped before the close.
 LINGER_S = 2.0
+# How long a request head may take to arrive (nginx's client_header_timeout: 60 s).
+HEAD_TIMEOUT_S = 60.0
 
 # Above this many bytes held, a write goes out at once: a producer that writes a lot in
 # one turn must meet the transport's own flow control (pause_writing) in time.
@@ -319,6 +327,7 @@ class ListenerProtocol(HttpToolsProtocol):
     _head_bytes = 0
     _read = 0
     _refused = False
+    _head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescedWrites(transport, self.loop))
@@ -326,6 +335,13 @@ class ListenerProtocol(HttpToolsProtocol):
         limit = self.config.h11_max_incomplete_event_size
         if limit is not None:
             self.max_head_bytes = limit
+        self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self.head_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         # uvicorn's, with the head's bytes counted and the 431.
@@ -351,8 +367,28 @@ class ListenerProtocol(HttpToolsProtocol):
             else:
                 self._unsupported_upgrade_warning()
             return
-        if self._in_head and self._head_bytes > self.max_head_bytes:
-            self.refuse_head()  # still arriving, and over the limit already
+        if self._in_head:  # a head that this read did not complete
+            if self._head_bytes > self.max_head_bytes:
+                self.refuse_head()  # still arriving, and over the limit already
+            elif self._head_timer is None:
+                self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self.head_timed_out)
+
+    def head_timed_out(self) -> None:
+        """HEAD_TIMEOUT_S passed without a complete head: 408 if one had begun, then close."""
+        self._head_timer = None
+        if self._refused or self.transport.is_closing():
+            return
+        if self._in_head:
+            log.warning(
+                "request head not complete in %g s: answered 408 and closed", HEAD_TIMEOUT_S
+            )
+            self.write_error(
+                408,
+                b"Request Timeout",
+                "The request's headers took too long to arrive.",
+                "request_timeout",
+            )
+        self.transport.close()
 
     def refuse_head(self) -> None:
         """431 in OpenAI's error shape, then close.
@@ -362,17 +398,30 @@ class ListenerProtocol(HttpToolsProtocol):
         client still sending its head could lose the 431 before reading it."""
         limit = self.max_head_bytes
         log.warning("request head over %d bytes: answered 431 and closed", limit)
+        self._in_head = False
+        self._refused = True
+        self.write_error(
+            431,
+            b"Request Header Fields Too Large",
+            f"The request's headers exceed the limit of {limit} bytes.",
+            "request_headers_too_large",
+        )
+        self.loop.call_later(LINGER_S, self.transport.close)
+
+    def write_error(self, status: int, reason: bytes, message: str, code: str) -> None:
+        """An answer in OpenAI's error shape, with the server's default headers, that
+        closes the connection."""
         body = json.dumps(
             {
                 "error": {
-                    "message": f"The request's headers exceed the limit of {limit} bytes.",
+                    "message": message,
                     "type": "invalid_request_error",
-                    "code": "request_headers_too_large",
+                    "code": code,
                     "param": None,
                 }
             }
         ).encode()
-        content = [b"HTTP/1.1 431 Request Header Fields Too Large\r\n"]
+        content = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
         for name, value in self.server_state.default_headers:
             content.extend([name, b": ", value, b"\r\n"])
         content.extend(
@@ -384,10 +433,7 @@ class ListenerProtocol(HttpToolsProtocol):
                 body,
             ]
         )
-        self._in_head = False
-        self._refused = True
         self.transport.write(b"".join(content))
-        self.loop.call_later(LINGER_S, self.transport.close)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -401,6 +447,9 @@ class ListenerProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         # The head is at most the read it began in and the reads since: measured exactly
         # only when those could hold more than the limit.
         limit = self.max_head_bytes

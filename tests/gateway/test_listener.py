@@ -648,3 +648,108 @@ async def test_the_default_limit_applies_without_a_setting() -> None:
     assert [status for status, _ in answers(transport)] == [200]
     transport, _ = await serve_reads(Recorder(), [padded_head(DEFAULT_MAX_HEAD_BYTES + 1)], None)
     assert [status for status, _ in answers(transport)] == [431]
+
+
+# --- the request head's deadline -------------------------------------------------------------
+
+
+def listening(app: Any, max_head: int | None = None) -> tuple[ListenerProtocol, RecordingTransport]:
+    config = uvicorn.Config(
+        app, lifespan="off", log_level="error", http=ListenerProtocol,
+        h11_max_incomplete_event_size=max_head,
+    )  # fmt: skip
+    config.load()
+    protocol = ListenerProtocol(config, ServerState(), {}, asyncio.get_running_loop())
+    transport = RecordingTransport()
+    protocol.connection_made(transport)
+    return protocol, transport
+
+
+async def test_a_head_that_stops_arriving_gets_408_and_a_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a new connection, and on a kept-alive one whose next head stalls."""
+    monkeypatch.setattr(listener, "HEAD_TIMEOUT_S", 0.05)
+    for served_first in (0, 1):
+        app = Recorder()
+        protocol, transport = listening(app)
+        for _ in range(served_first):
+            protocol.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.sleep(0.1)
+        protocol.data_received(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        await asyncio.sleep(0.2)
+        assert transport.closing
+        *served, (status, body) = answers(transport)
+        assert served == [(200, b"0")] * served_first
+        assert status == 408
+        assert json.loads(body)["error"]["code"] == "request_timeout"
+        assert app.calls == served_first
+        protocol.connection_lost(None)
+
+
+async def test_a_connection_that_sends_nothing_is_closed_without_an_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(listener, "HEAD_TIMEOUT_S", 0.05)
+    protocol, transport = listening(Recorder())
+    await asyncio.sleep(0.2)
+    assert transport.calls == ["close"]
+    protocol.connection_lost(None)
+
+
+async def test_the_deadline_is_for_the_head_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A head in one read, or in two within the deadline, is served; a body and an answer
+    that take longer than the deadline are not cut."""
+    monkeypatch.setattr(listener, "HEAD_TIMEOUT_S", 0.1)
+
+    async def slow(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.sleep(0.3)
+        await Recorder()(scope, receive, send)
+
+    protocol, transport = listening(slow)
+    protocol.data_received(b"POST / HTTP/1.1\r\nHost: x\r\n")
+    await asyncio.sleep(0.05)
+    protocol.data_received(b"Content-Length: 4\r\n\r\n")
+    assert protocol._head_timer is None  # complete: the deadline is off
+    await asyncio.sleep(0.15)
+    protocol.data_received(b"body")
+    await asyncio.sleep(0.5)
+    protocol.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # a head in one read
+    assert protocol._head_timer is None
+    await asyncio.sleep(0.5)
+    assert answers(transport) == [(200, b"4"), (200, b"0")]
+    assert not transport.closing
+    protocol.connection_lost(None)
+
+
+def test_a_late_head_gets_408_over_a_real_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    monkeypatch.setattr(listener, "HEAD_TIMEOUT_S", 0.2)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = uvicorn.Config(
+        whole_answer, host="127.0.0.1", port=port, lifespan="off", log_level="error",
+        http="gateway.listener:ListenerProtocol",
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            threading.Event().wait(0.02)
+        assert server.started
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and nothing more
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), data
+        assert b'"request_timeout"' in data
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(RuntimeError):
+            thread.join(10)
