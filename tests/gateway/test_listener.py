@@ -7,6 +7,7 @@ import contextlib
 import json
 import re
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import httptools
@@ -208,15 +209,16 @@ async def test_a_malformed_request_gets_its_400_before_the_close() -> None:
     assert parse_response(transport.writes[0])[0] == 400
 
 
-def test_served_for_real_over_a_socket() -> None:
-    """uvicorn with the listener protocol, a real keep-alive socket, two requests."""
+@contextlib.contextmanager
+def served_for_real(app: Any) -> Iterator[int]:
+    """uvicorn with the listener protocol on a free loopback port, in a thread: the port."""
     import threading
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     config = uvicorn.Config(
-        whole_answer, host="127.0.0.1", port=port, lifespan="off", log_level="error",
+        app, host="127.0.0.1", port=port, lifespan="off", log_level="error",
         http="gateway.listener:ListenerProtocol",
     )  # fmt: skip
     server = uvicorn.Server(config)
@@ -228,20 +230,28 @@ def test_served_for_real_over_a_socket() -> None:
                 break
             threading.Event().wait(0.02)
         assert server.started
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-            for _ in range(2):
-                conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-                data = b""
-                while not data.endswith(b'{"ok": true}'):
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        pytest.fail(f"connection closed after {data!r}")
-                    data += chunk
-                assert parse_response(data) == (200, b'{"ok": true}')
+        yield port
     finally:
         server.should_exit = True
         with contextlib.suppress(RuntimeError):
             thread.join(10)
+
+
+def test_served_for_real_over_a_socket() -> None:
+    """uvicorn with the listener protocol, a real keep-alive socket, two requests."""
+    with (
+        served_for_real(whole_answer) as port,
+        socket.create_connection(("127.0.0.1", port), timeout=5) as conn,
+    ):
+        for _ in range(2):
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = b""
+            while not data.endswith(b'{"ok": true}'):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    pytest.fail(f"connection closed after {data!r}")
+                data += chunk
+            assert parse_response(data) == (200, b'{"ok": true}')
 
 
 # --- the response's start, written as uvicorn writes it -------------------------------------
@@ -723,33 +733,14 @@ async def test_the_deadline_is_for_the_head_only(monkeypatch: pytest.MonkeyPatch
 
 
 def test_a_late_head_gets_408_over_a_real_socket(monkeypatch: pytest.MonkeyPatch) -> None:
-    import threading
-
     monkeypatch.setattr(listener, "HEAD_TIMEOUT_S", 0.2)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config = uvicorn.Config(
-        whole_answer, host="127.0.0.1", port=port, lifespan="off", log_level="error",
-        http="gateway.listener:ListenerProtocol",
-    )  # fmt: skip
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(200):
-            if server.started:
-                break
-            threading.Event().wait(0.02)
-        assert server.started
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-            conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and nothing more
-            data = b""
-            while chunk := conn.recv(65536):
-                data += chunk
-        assert data.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), data
-        assert b'"request_timeout"' in data
-    finally:
-        server.should_exit = True
-        with contextlib.suppress(RuntimeError):
-            thread.join(10)
+    with (
+        served_for_real(whole_answer) as port,
+        socket.create_connection(("127.0.0.1", port), timeout=5) as conn,
+    ):
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and nothing more
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), data
+    assert b'"request_timeout"' in data
