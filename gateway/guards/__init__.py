@@ -1,0 +1,1 @@
+"""Input and output guards: scanners, the pipelines that run them, and their policies."""
