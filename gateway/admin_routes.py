@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -16,18 +16,18 @@ from gateway.config import Role
 from gateway.errors import InvalidRequest, NotFound
 from gateway.keys import KeyCache, KeyStore, parse_duration
 from gateway.middleware.auth import principal_of
-from gateway.schemas import parse_json_model
+from gateway.schemas import Name, check_json_value, parse_json_model
 
 
 class CreateKeyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     roles: list[Role] = Field(min_length=1)
-    subject: str | None = Field(default=None, min_length=1, max_length=256)
-    models: list[str] | None = None
-    tier: str = Field(default="standard", min_length=1, max_length=64)
-    expires_in: str | None = None
-    description: str = Field(default="", max_length=256)
+    subject: Name | None = None
+    models: list[Name] | None = None
+    tier: Annotated[Name, Field(max_length=64)] = "standard"
+    expires_in: str | None = Field(default=None, max_length=64)
+    description: Annotated[str, Field(max_length=256), AfterValidator(check_json_value)] = ""
 
 
 ADMIN_BODY_LIMIT = 64 * 1024

@@ -29,6 +29,7 @@ from gateway.audit_trail import AuditTrail
 from gateway.config import Settings
 from gateway.errors import InvalidRequest, ServiceUnavailable
 from gateway.middleware.auth import principal_of
+from gateway.schemas import check_name, query_name
 
 MAX_LIMIT = 1000
 _TRUE = {"1", "true", "yes"}
@@ -101,15 +102,16 @@ class ComplianceRoutes:
     async def query(self, request: Request) -> Response:
         params = request.query_params
         where = AuditFilter(
-            subject_id=params.get("subject"),
-            key_id=params.get("key"),
-            request_id=params.get("request_id"),
-            kinds=params.getlist("kind") or None,
+            subject_id=query_name(params, "subject"),
+            key_id=query_name(params, "key"),
+            request_id=query_name(params, "request_id"),
+            kinds=[check_name(kind, "kind") for kind in params.getlist("kind")] or None,
             since_us=_time_param(request, "since"),
             until_us=_time_param(request, "until"),
         )
         with_payloads = params.get("payloads", "").lower() in _TRUE
-        reason = (params.get("reason") or "").strip()
+        reason = params.get("reason") or ""
+        reason = check_name(reason, "reason", 1024).strip() if reason else ""
         if with_payloads and not reason:
             raise InvalidRequest("payloads=true needs a non-empty reason", param="reason")
         if with_payloads and self._audit is None:

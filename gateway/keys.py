@@ -280,7 +280,10 @@ class KeyCache:
         return cached.principal
 
 
-_DURATION = re.compile(r"(\d+)\s*(s|m|h|d|w)")
+# ASCII digits only: ``\d`` would take "٣" (Arabic-Indic three) and the like.
+_DURATION = re.compile(r"([0-9]+)(s|m|h|d|w)")
+MAX_DURATION = timedelta(days=100 * 366)
+"""The longest duration accepted: anything longer would overflow a date (year 9999)."""
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -293,4 +296,6 @@ def parse_duration(text: str) -> timedelta:
     seconds = sum(int(n) * _UNIT_SECONDS[u] for n, u in parts)
     if seconds <= 0:
         raise ValueError("a duration must be positive")
+    if seconds > MAX_DURATION.total_seconds():
+        raise ValueError(f"a duration must be at most {MAX_DURATION.days}d")
     return timedelta(seconds=seconds)

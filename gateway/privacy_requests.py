@@ -27,6 +27,7 @@ from compliance.privacy_ledger import (
 )
 from compliance.privacy_store import PrivacyStore, subject_ref
 from gateway.errors import GatewayError, InvalidRequest, NotFound
+from gateway.schemas import Name, query_name
 
 Recorder = Callable[[Request, str, str | None, dict[str, Any]], Awaitable[str | None]]
 """Audits an action durably: ``(request, kind, subject or None, detail)``."""
@@ -64,7 +65,7 @@ class LoggedRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    subject: str = Field(min_length=1, max_length=256)
+    subject: Name
     right: Right
     received: datetime | date
     """The day (or moment) it arrived; the deadline runs from it. A day means 00:00 UTC."""
@@ -97,7 +98,9 @@ class LedgerRoutes:
     async def list(self, request: Request) -> Response:
         params = request.query_params
         rows = await asyncio.to_thread(
-            self._ledger.list, subject_id=params.get("subject"), status=params.get("status")
+            self._ledger.list,
+            subject_id=query_name(params, "subject"),
+            status=query_name(params, "status"),
         )
         return JSONResponse({"object": "list", "data": [r.as_json() for r in rows]})
 

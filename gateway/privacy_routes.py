@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import func
@@ -50,7 +50,7 @@ from gateway.keys import KeyCache
 from gateway.middleware.auth import Guarded, principal_of
 from gateway.privacy_requests import Conflict, LedgerRoutes, Reason
 from gateway.rbac import Principal
-from gateway.schemas import parse_json_model
+from gateway.schemas import check_json_value, check_path_params, parse_json_model
 from gateway.store import ApiKeyRow
 
 log = logging.getLogger("bastion.privacy")
@@ -73,6 +73,7 @@ class SubjectGuarded(Guarded):
             and principal.subject_id is not None
             and principal.subject_id == subject
         ):
+            check_path_params(scope["path_params"])
             await self.app(scope, receive, send)  # privacy:self
             return
         await super().__call__(scope, receive, send)
@@ -121,12 +122,21 @@ class RestrictionCache:
 
 
 class Rectification(BaseModel):
+    """Checked whole before the ledger or the profile is touched: a value the store could
+    not keep or serve again (a 20-digit integer, ``1e400``, a NUL) is a 400, not a
+    request left open or a profile saved and then unreadable."""
+
     model_config = ConfigDict(extra="forbid")
 
     display_name: str | None = Field(default=None, max_length=256)
     email: str | None = Field(default=None, max_length=320)
     attributes: dict[str, Any] | None = None
     note: str | None = Field(default=None, max_length=512)
+
+    @field_validator("display_name", "email", "attributes", "note")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        return check_json_value(value)
 
 
 class DoNotSell(BaseModel):

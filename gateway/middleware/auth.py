@@ -17,6 +17,7 @@ from gateway.config import CertificatePrincipal
 from gateway.errors import Forbidden, Unauthorized
 from gateway.keys import KeyCache
 from gateway.rbac import Principal
+from gateway.schemas import check_path_params
 
 DEV_PRINCIPAL = Principal(
     key_id="dev",
@@ -112,4 +113,5 @@ class Guarded:
                 )
             if not principal.has(self.permission):
                 raise Forbidden(f"Your key's roles do not allow this ({self.permission}).")
+        check_path_params(scope.get("path_params", {}))
         await self.app(scope, receive, send)
