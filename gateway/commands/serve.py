@@ -18,6 +18,12 @@ def run_server(settings: Settings, config: Path | None, log_level: str, access_l
 
     import uvicorn
 
+    from gateway.ratelimit import check_workers_rate_limits
+
+    try:
+        check_workers_rate_limits(settings, settings.server.workers)
+    except ConfigError as exc:
+        fail(f"configuration error: {exc}")
     prepare_store(settings)
     if settings.watermark.enabled:
         from gateway.watermark_check import load_watermark_keys

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 
-from gateway.config import RateLimitSettings
+from gateway.config import ConfigError, RateLimitSettings, Settings
 from gateway.ratelimit import (
     Limits,
     MemoryRateLimiter,
     RateDecision,
     RedisRateLimiter,
     build_rate_limiter,
+    check_workers_rate_limits,
     format_reset,
 )
+from tests.support import free_port, run_bastion
 
 
 class FakeClock:
@@ -349,3 +352,35 @@ def test_long_resets_in_the_header_lines() -> None:
     hours = RateDecision(Limits(10, 10 / 7200, 10**6, 10**6 / 60), True, 0.0, 0.0, 0)
     assert b"x-ratelimit-reset-requests: 2h0m0s\r\n" in hours.header_lines()
     assert b"x-ratelimit-reset-tokens: 1m0s\r\n" in hours.header_lines()
+
+
+# --- in-memory limits and worker processes (issue 14, item 5) ---------------------------
+
+
+def _settings(**overrides: object) -> Settings:
+    return Settings(
+        upstreams=[{"name": "a", "url": "http://127.0.0.1:9", "models": ["m"]}],
+        **overrides,  # type: ignore[arg-type]
+    )
+
+
+def test_in_memory_limits_with_several_workers_are_refused() -> None:
+    check_workers_rate_limits(_settings(), 1)
+    check_workers_rate_limits(_settings(redis_url="redis://127.0.0.1:6379/0"), 4)
+    check_workers_rate_limits(_settings(rate_limits={"enabled": False}), 4)
+    with pytest.raises(ConfigError, match=r"2 times its limit.*BASTION_REDIS_URL"):
+        check_workers_rate_limits(_settings(), 2)
+
+
+def test_serve_with_two_workers_and_no_redis_stops_with_a_message(tmp_path: Path) -> None:
+    config = {
+        "upstreams": [{"name": "a", "url": "http://127.0.0.1:9", "models": ["m"]}],
+        "dev": True,
+        "database_url": f"sqlite:///{tmp_path / 'x.db'}",
+        "server": {"workers": 2, "port": free_port()},
+    }
+    done = run_bastion(["serve"], config, tmp_path, timeout=30)
+    assert done.returncode == 2, done.stderr
+    message = done.stderr.strip()
+    assert message.startswith("bastion: configuration error: server.workers is 2"), message
+    assert not (tmp_path / "x.db").exists()  # refused before anything was created
