@@ -119,6 +119,11 @@ class AuditWriter:
         self._thread.start()
         return self
 
+    @property
+    def accepting(self) -> bool:
+        """Whether records are taken (the writer is open)."""
+        return not self._closing
+
     # --- producers -------------------------------------------------------------------
 
     async def append(self, record: AuditRecord) -> EntryRef:

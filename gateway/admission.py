@@ -16,6 +16,7 @@ from gateway.config import Settings
 from gateway.errors import Forbidden, RateLimited, RateLimiterUnavailable
 from gateway.rbac import ModelPolicy, Principal
 from gateway.usage import Usage, estimate_tokens
+from monitors.request_event import RateLimitOutcome
 
 if TYPE_CHECKING:
     from gateway.ratelimit import RateLimiter
@@ -29,11 +30,22 @@ class Admitted:
     header_lines: bytes = b""
     """The ``x-ratelimit-*`` headers written out, where the server takes them so
     (gateway.asgi.RAW_HEADERS); then not in ``response_headers``."""
+    outcome: RateLimitOutcome = "off"
+
+
+class RateLimitRefusal(RateLimited):
+    """A 429 that says which bucket ran dry (``requests`` or ``tokens``), for the metrics."""
+
+    def __init__(self, message: str, headers: list[tuple[bytes, bytes]], bucket: str) -> None:
+        super().__init__(message, headers)
+        self.bucket = bucket
 
 
 class Admission:
-    def __init__(self, settings: Settings, limiter: RateLimiter | None) -> None:
-        self._policy = ModelPolicy(settings.auth.role_models)
+    def __init__(
+        self, settings: Settings, limiter: RateLimiter | None, policy: ModelPolicy | None = None
+    ) -> None:
+        self._policy = policy or ModelPolicy(settings.auth.role_models)
         self._limiter = limiter
         self._tiers = settings.priority.tiers if settings.priority.enabled else {}
         self._headers_always = settings.rate_limits.response_headers == "always"
@@ -57,19 +69,21 @@ class Admission:
         reserved = estimate_tokens(body)
         decision = await self._limiter.check(principal.key_id, reserved)
         if decision.allowed:
+            outcome: RateLimitOutcome = "failed_open" if decision.degraded else "allowed"
             if not self._headers_always:
-                return Admitted(reserved, [], priority)
+                return Admitted(reserved, [], priority, outcome=outcome)
             if raw_headers:
-                return Admitted(reserved, [], priority, decision.header_lines())
-            return Admitted(reserved, decision.headers(), priority)
+                return Admitted(reserved, [], priority, decision.header_lines(), outcome)
+            return Admitted(reserved, decision.headers(), priority, outcome=outcome)
         headers = decision.headers()
         if decision.degraded:
             raise RateLimiterUnavailable("Rate limiting is unavailable; try again.")
-        raise RateLimited(
+        raise RateLimitRefusal(
             "Rate limit reached for your key: "
             f"{decision.limit_requests} requests and {decision.limit_tokens} tokens "
             "allowed; see the x-ratelimit-* headers.",
             headers,
+            "requests" if decision.remaining_requests < 1 else "tokens",
         )
 
     async def settle(self, principal: Principal, admitted: Admitted, usage: Usage | None) -> None:

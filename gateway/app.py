@@ -17,8 +17,9 @@ from starlette.routing import Route, Router, request_response
 
 from gateway.admin_routes import KeyAdmin
 from gateway.admission import Admission
+from gateway.answer_text import AnswerTextFilter
 from gateway.asgi import ASGIApp, Receive, Scope, Send
-from gateway.audit_trail import AuditTrail
+from gateway.audit_trail import AuditCheck, AuditTrail
 from gateway.compliance_routes import ComplianceRoutes
 from gateway.config import Settings, load_settings
 from gateway.credentials import derive_key, load_audit_signing_key, load_master_key
@@ -31,20 +32,33 @@ from gateway.middleware.auth import (
     principal_of,
 )
 from gateway.middleware.errors import ErrorMiddleware
+from gateway.middleware.observer import ObserverMiddleware
 from gateway.middleware.request_id import RequestIdMiddleware
 from gateway.model_routes import ModelEndpoint
+from gateway.pipeline import AnswerFilterSource, CallSinks, DurableSink, RequestCheck
 from gateway.privacy_routes import PrivacyRoutes, RestrictionCache, SubjectGuarded
 from gateway.proxy import Forwarder
 from gateway.ratelimit import RateLimiter, build_rate_limiter
 from gateway.rbac import ModelPolicy
 from gateway.report_routes import ComplianceReports
+from gateway.request_checks import (
+    AdmissionCheck,
+    ModelResolution,
+    RestrictionCheck,
+    WatermarkOptOutCheck,
+)
 from gateway.retention_job import RetentionJob
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gateway.store import make_engine, migrate
 from gateway.tls import upstream_ssl_contexts
 from gateway.transport import UpstreamTransport, build_transport
 from gateway.upstreams import UpstreamPool
-from gateway.watermark_check import WatermarkDetector, WatermarkEndpoint, load_watermark_keys
+from gateway.watermark_check import (
+    WatermarkDetector,
+    WatermarkEndpoint,
+    WatermarkFilterSource,
+    load_watermark_keys,
+)
 
 Handler = Callable[[Request], Awaitable[Response]]
 log = logging.getLogger("bastion.app")
@@ -95,42 +109,61 @@ class BastionApp:
         self.limiter: RateLimiter | None = None
         if settings.rate_limits.enabled:
             self.limiter = build_rate_limiter(settings.rate_limits, settings.redis_url)
-        self.admission = Admission(settings, self.limiter)
         self.model_policy = ModelPolicy(settings.auth.role_models)
+        self.admission = Admission(settings, self.limiter, self.model_policy)
         self.watermark: WatermarkDetector | None = None
         if settings.watermark.enabled:
             keys = load_watermark_keys(settings.watermark)
             self.watermark = WatermarkDetector(settings.watermark, keys)
+        self.checks = self._request_checks()
+        self.answer_filters = self._answer_filters()
+        durable: list[DurableSink] = [self.audit] if self.audit is not None else []
+        self.sinks = CallSinks(durable)
         self.router = Router(routes=self._routes(), lifespan=self._lifespan)
         authentication = AuthenticationMiddleware(
             self.router,
             self.key_cache if settings.auth.enabled else None,
             certificate_principals(settings.auth.client_certificates),
         )
+        routes = {
+            route.endpoint: route.path for route in self.router.routes if isinstance(route, Route)
+        }
+        observed = ObserverMiddleware(ErrorMiddleware(authentication), self.sinks, routes)
         # (HSTS on TLS answers: a default header of the listener, gateway.tls.)
-        self._stack: ASGIApp = RequestIdMiddleware(ErrorMiddleware(authentication))
+        self._stack: ASGIApp = RequestIdMiddleware(observed)
+
+    def _request_checks(self) -> list[RequestCheck]:
+        """What every model call passes before it is forwarded, in order."""
+        checks: list[RequestCheck] = []
+        if self.audit is not None:
+            checks.append(AuditCheck(self.audit))
+        checks += [
+            RestrictionCheck(self.restrictions.check),
+            WatermarkOptOutCheck(),
+            ModelResolution(self.pool),
+            AdmissionCheck(self.admission),
+        ]
+        return checks
+
+    def _answer_filters(self) -> list[AnswerFilterSource]:
+        """What a text answer passes through before the client sees it, in order."""
+        filters: list[AnswerFilterSource] = [AnswerTextFilter()]
+        if self.watermark is not None:
+            filters.append(WatermarkFilterSource(self.watermark))
+        return filters
 
     def _routes(self) -> list[Route]:
-        forwarder = Forwarder(self.settings, self.pool, self.transport)
+        forwarder = Forwarder(self.settings, self.pool, self.transport, self.sinks)
         cap = self.settings.server.max_body_bytes
         keys = KeyAdmin(self.key_store, self.key_cache, self.settings.priority.tiers, self.audit)
 
         watermark = WatermarkEndpoint(self.watermark, cap)
 
         def model_route(path: str, schema: Any, streams: bool) -> Route:
-            # The text routes (the streaming ones) are checked for the watermark.
-            detector = self.watermark if streams else None
+            # The text routes (the streaming ones) have answer filters.
+            filters = self.answer_filters if streams else []
             endpoint = ModelEndpoint(
-                path,
-                schema,
-                forwarder,
-                self.pool,
-                self.admission,
-                cap,
-                streams,
-                detector,
-                self.audit,
-                self.restrictions.check,
+                path, schema, streams, cap, self.checks, filters, forwarder, self.sinks
             )
             return Route(path, Guarded(endpoint, "models:call"), methods=["POST"])
 

@@ -18,11 +18,10 @@ only the metadata is kept.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import socket
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -33,8 +32,9 @@ from compliance.appender import CheckpointPolicy
 from compliance.audit_writer import AuditWriteError, AuditWriter, AuditWriterClosed
 from compliance.records import REQUEST, AuditRecord
 from gateway.config import AuditSettings
-from gateway.errors import GatewayError, ServiceUnavailable
-from gateway.rbac import Principal
+from gateway.errors import InvalidRequest, ServiceUnavailable
+from gateway.pipeline import CallContext
+from gateway.watermark_check import STATE_KEY as WATERMARK_STATE
 
 log = logging.getLogger("bastion.audit")
 
@@ -94,97 +94,97 @@ class AuditTrail:
             log.error("audit entry for %s not written: %s", record.request_id, exc)
             raise AuditUnavailable("The audit log cannot record this call; try again.") from exc
 
-    def call(
-        self, principal: Principal, route: str, request_id: str, body: dict[str, Any]
-    ) -> CallRecord:
-        return CallRecord(
-            self,
-            principal=principal,
-            route=route,
-            request_id=request_id,
-            request=body if self.settings.payloads else None,
-        )
-
-
-@dataclass(slots=True)
-class CallRecord:
-    """One model call on its way through the gateway; becomes one audit entry."""
-
-    trail: AuditTrail
-    principal: Principal
-    route: str
-    request_id: str
-    request: dict[str, Any] | None
-    model: str | None = None
-    started: float = field(default_factory=time.perf_counter)
-    started_us: int = field(default_factory=lambda: time.time_ns() // 1000)
-    first_byte: float | None = None
-    delivered: list[bytes] = field(default_factory=list)
-    """Stream events sent so far (kept only when payloads are)."""
-    recorded: bool = False
-
-    def note_delivered(self, events: bytes) -> None:
-        if self.first_byte is None:
-            self.first_byte = time.perf_counter()
-        if self.request is not None and events:
-            self.delivered.append(events)
-
-    async def complete(
-        self,
-        status: int,
-        *,
-        prompt_tokens: int | None,
-        completion_tokens: int | None,
-        watermark: bytes | None,
-        answer: bytes | None = None,
-        cut: str | None = None,
-    ) -> None:
-        """Write the entry and wait for it to be durable (once per call)."""
-        if self.recorded:
-            return
-        self.recorded = True
+    async def complete(self, call: CallContext) -> None:
+        """The call's entry, durable before its answer's last byte (DurableSink)."""
+        event = call.event
+        refused = call.upstream_started is None and event.status >= 400
         payload: dict[str, Any] | None = None
-        if self.request is not None:
-            payload = {"request": self.request}
-            if answer is not None:
-                payload["response"] = _json_or_text(answer)
-            if self.delivered or cut is not None:
-                payload["delivered"] = b"".join(self.delivered).decode("utf-8", "replace")
-            if cut is not None:
-                payload["cut"] = cut
-        now = time.perf_counter()
-        ttft = None if self.first_byte is None else self.first_byte - self.started
+        if self.settings.payloads:
+            payload = _refusal_payload(call) if refused else _call_payload(call)
+        ttft = None if call.first_byte is None else call.first_byte - call.started
+        guard = ";".join(
+            f"{v.stage}:{v.scanner}={v.action}" for v in event.guard_verdicts if v.action != "pass"
+        )
         record = AuditRecord(
             kind=REQUEST,
-            time_us=self.started_us,
-            request_id=self.request_id,
-            key_id=self.principal.key_id,
-            subject_id=self.principal.subject_id,
-            model=self.model,
-            route=self.route,
-            status=status,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            latency_us=int((now - self.started) * 1e6),
+            time_us=event.time_us,
+            request_id=event.request_id,
+            key_id=event.key_id,
+            subject_id=event.subject_id,
+            model=event.model_served or event.model,
+            route=event.route,
+            status=event.status,
+            prompt_tokens=event.prompt_tokens,
+            completion_tokens=event.completion_tokens,
+            latency_us=int(event.duration_s * 1e6),
             ttft_us=None if ttft is None else int(ttft * 1e6),
-            watermark=None if watermark is None else watermark.decode("ascii", "replace"),
+            guard=guard[:_GUARD_CHARS] or None,
+            watermark=call.state.get(WATERMARK_STATE),
             payload=payload,
         )
-        await self.trail.record(record)
+        await self.record(record)
 
-    async def refused(self, error: GatewayError) -> None:
-        """A call answered with an error before or instead of forwarding."""
-        await self.complete(
-            error.status,
-            prompt_tokens=None,
-            completion_tokens=None,
-            watermark=None,
-            answer=error.body(),
-        )
+
+class AuditCheck:
+    """Before anything is forwarded: the call must be recordable (a request check).
+
+    An entry is written after the upstream answered, so whatever could stop it must be
+    found before: a request the audit's encoder cannot take (orjson stops at 254 levels
+    of nesting) is refused with 400, and a writer that cannot take entries with 503.
+    """
+
+    def __init__(self, trail: AuditTrail) -> None:
+        self._trail = trail
+
+    async def check(self, call: CallContext) -> None:
+        if not self._trail.writer.accepting:
+            raise AuditUnavailable("The audit log cannot record this call; try again.")
+        if self._trail.settings.payloads:
+            try:
+                orjson.dumps(call.request, option=_ENCODING)
+            except orjson.JSONEncodeError as exc:
+                raise InvalidRequest(
+                    f"The request cannot be recorded in the audit log ({exc}).",
+                    code="unrecordable_request",
+                ) from exc
+
+
+# The record's guard summary is a text column of bounded width (compliance.records).
+_GUARD_CHARS = 200
+_ENCODING = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+# Refusals keep what identifies the request, not the request: a client refused for its
+# rate or its key cannot make the audit store grow with the bodies it sends.
+_EXCERPT_BYTES = 512
+
+
+def _call_payload(call: CallContext) -> dict[str, Any]:
+    payload: dict[str, Any] = {"request": call.request}
+    if call.answer is not None:
+        payload["response"] = _json_or_text(call.answer)
+    cut = call.event.cut
+    if call.delivered or cut is not None:
+        payload["delivered"] = b"".join(call.delivered).decode("utf-8", "replace")
+    if cut is not None:
+        payload["cut"] = cut
+    return payload
+
+
+def _refusal_payload(call: CallContext) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "request_sha256": hashlib.sha256(call.raw).hexdigest(),
+        "request_bytes": len(call.raw),
+        "request_excerpt": call.raw[:_EXCERPT_BYTES].decode("utf-8", "replace"),
+    }
+    if call.answer is not None:
+        payload["response"] = _json_or_text(call.answer)
+    return payload
 
 
 def _json_or_text(body: bytes) -> Any:
+    """The answer as JSON when it is JSON the record can encode, else as text."""
     try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
+        value = orjson.loads(body)
+        orjson.dumps(value, option=_ENCODING)
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
         return body.decode("utf-8", "replace")
+    return value

@@ -19,14 +19,24 @@ decided and what was delivered; its ``event`` is the request event the sinks rec
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import orjson
+
 from gateway.asgi import Scope
 from gateway.rbac import Principal
+from gateway.usage import Usage
 from monitors.request_event import RequestEvent
+
+log = logging.getLogger("bastion.pipeline")
+
+Settlement = Callable[[Usage | None], Awaitable[None]]
+"""Given the call's real usage once it ended (None: not reported, keep the estimate;
+``request_checks.NO_USAGE`` when the call was refused and generated nothing)."""
 
 
 @dataclass(slots=True)
@@ -39,8 +49,10 @@ class CallContext:
     event: RequestEvent
     raw: bytes
     """The body as received."""
-    body: dict[str, Any]
-    """The parsed body; checks change it only through :meth:`change`."""
+    request: dict[str, Any]
+    """The body as parsed, never changed (what the caller asked, for the audit)."""
+    body: dict[str, Any] = field(default_factory=dict)
+    """The body as it will be forwarded; checks change it only through :meth:`change`."""
     stream: bool = False
     started: float = field(default_factory=time.perf_counter)
     changes: dict[str, Any] = field(default_factory=dict)
@@ -52,8 +64,10 @@ class CallContext:
     """Headers written out where the server takes them so (gateway.asgi.RAW_HEADERS)."""
     hide_usage_chunk: bool = False
     """The gateway asked for usage in a stream the client did not: drop that chunk."""
-    releases: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-    """What checks reserved, given back when the call is refused after them."""
+    settlements: list[Settlement] = field(default_factory=list)
+    """What checks reserved: settled with the real usage, or given back on a refusal."""
+    filters: list[AnswerFilter] = field(default_factory=list)
+    """This call's answer filters, in order."""
     state: dict[str, Any] = field(default_factory=dict)
     """What a check leaves for a filter of the same call (e.g. the guards' PII vault)."""
     delivered: list[bytes] = field(default_factory=list)
@@ -62,10 +76,17 @@ class CallContext:
     """A whole answer's body as released to the client."""
     first_byte: float | None = None
     upstream_started: float | None = None
+    upstream_ended: float | None = None
     recorded: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.body:
+            self.body = self.request
 
     def change(self, name: str, value: Any) -> None:
         """Replace a top-level body field in what is forwarded (and what checks see)."""
+        if self.body is self.request:
+            self.body = dict(self.request)  # the request as asked stays as it was
         self.body[name] = value
         self.changes[name] = value
 
@@ -73,12 +94,23 @@ class CallContext:
         """The bytes sent upstream: as received, unless a check changed the body."""
         if not self.changes:
             return self.raw
-        import orjson
-
         return orjson.dumps(self.body)
 
     def add_header(self, name: bytes, value: bytes) -> None:
         self.response_headers.append((name, value))
+
+    def note_delivered(self, data: bytes) -> None:
+        """``data`` is on its way to the client (a stream's events)."""
+        if self.first_byte is None:
+            self.first_byte = time.perf_counter()
+        if data:
+            self.delivered.append(data)
+
+    async def settle(self, usage: Usage | None) -> None:
+        """Settle what the checks reserved, once (see :data:`Settlement`)."""
+        settlements, self.settlements = self.settlements, []
+        for settle in settlements:
+            await settle(usage)
 
 
 class RequestCheck(Protocol):
@@ -86,7 +118,7 @@ class RequestCheck(Protocol):
 
     async def check(self, call: CallContext) -> None:
         """Raise a GatewayError to refuse; ``call.change(...)`` to rewrite the body;
-        append to ``call.releases`` what must be given back if a later step refuses."""
+        append to ``call.settlements`` what must be settled or given back."""
         ...
 
 
@@ -98,6 +130,7 @@ class AnswerFilter(Protocol):
     what it still holds once the upstream ended. For a whole answer, ``feed`` gets the
     body once and ``close`` follows. Raising a GatewayError refuses the answer: a whole
     answer becomes that error, a stream ends with an SSE error event and no ``[DONE]``.
+    Filters see only successful answers (status 200; a stream's events).
     """
 
     async def feed(self, data: bytes) -> bytes: ...
@@ -123,3 +156,72 @@ class DurableSink(Protocol):
     """Awaited before the answer's last byte: raise a GatewayError when it cannot record."""
 
     async def complete(self, call: CallContext) -> None: ...
+
+
+async def run_filters(filters: Sequence[AnswerFilter], data: bytes, last: bool) -> bytes:
+    """``data`` through every filter in order; ``last``: the answer ended, close them.
+
+    A filter's closing bytes go through the filters after it."""
+    for answer_filter in filters:
+        data = await answer_filter.feed(data) if data else b""
+        if last:
+            data += await answer_filter.close()
+    return data
+
+
+class CallSinks:
+    """The fan-out after each request: durable sinks awaited, the others offered the event.
+
+    A non-blocking sink that raises is logged and counted, never allowed to fail the call.
+    """
+
+    def __init__(
+        self,
+        durable: Sequence[DurableSink] = (),
+        sinks: Sequence[EventSink] = (),
+        on_sink_error: Callable[[str], None] | None = None,
+    ) -> None:
+        self.durable = list(durable)
+        self.sinks = list(sinks)
+        self._on_sink_error = on_sink_error
+
+    def add(self, sink: EventSink) -> None:
+        self.sinks.append(sink)
+
+    async def complete(self, call: CallContext, status: int) -> None:
+        """The call ended with ``status``: finish its event, record it (once)."""
+        if call.recorded:
+            return
+        call.recorded = True
+        finish_event(call, status)
+        for durable in self.durable:
+            await durable.complete(call)
+        self.publish(call.event)
+
+    def publish(self, event: RequestEvent) -> None:
+        for sink in self.sinks:
+            try:
+                sink.offer(event)
+            except Exception:  # a monitor's bug must not fail a call that succeeded
+                log.exception("event sink %s failed", sink.name)
+                if self._on_sink_error is not None:
+                    self._on_sink_error(sink.name)
+
+
+def finish_event(call: CallContext, status: int) -> None:
+    """Fill the call's event with how it ended and its timings."""
+    event = call.event
+    now = time.perf_counter()
+    event.status = status
+    event.duration_s = now - call.started
+    if call.first_byte is not None:
+        event.ttft_s = call.first_byte - call.started
+    elif call.answer is not None:
+        event.ttft_s = event.duration_s
+    if call.upstream_started is not None:
+        event.queue_wait_s = call.upstream_started - call.started
+        event.upstream_s = (call.upstream_ended or now) - call.upstream_started
+    if call.answer is not None:
+        event.bytes_out = len(call.answer)
+    elif call.delivered:
+        event.bytes_out = sum(len(part) for part in call.delivered)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from gateway.asgi import (
     RAW_HEADERS,
@@ -27,14 +27,11 @@ from gateway.errors import (
     UpstreamFailed,
     sse_error_event,
 )
+from gateway.pipeline import CallContext, CallSinks, run_filters
 from gateway.sse import SSEFramer
 from gateway.transport import UpstreamResponse, UpstreamTransport
 from gateway.upstreams import Upstream, UpstreamPool
 from gateway.usage import Usage, usage_of_body, usage_of_event
-
-if TYPE_CHECKING:
-    from gateway.audit_trail import CallRecord
-    from gateway.watermark_check import AnswerCheck
 
 log = logging.getLogger("bastion.proxy")
 
@@ -49,33 +46,16 @@ _STREAM_HEADERS = [
 
 
 @dataclass(slots=True)
-class ProxyRequest:
-    path: str
-    body: bytes
-    model: str
-    stream: bool
-    request_id: str
-    response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    """Added to the answer (e.g. ``x-ratelimit-*``)."""
-    header_lines: bytes = b""
-    """Added to the answer as lines written out (gateway.asgi.RAW_HEADERS)."""
-    hide_usage_chunk: bool = False
-    """The gateway asked for usage in a stream the client did not: drop that chunk."""
-    watermark: AnswerCheck | None = None
-    """Score the answer for the watermark (None: watermarks off, or no tokenizer)."""
-    audit: CallRecord | None = None
-    """Completed (durably) before the answer's last byte goes out (None: audit off)."""
-
-
-@dataclass(slots=True)
 class Outcome:
-    """What became of a forwarded request, for accounting and the audit record."""
+    """What became of a forwarded request, for accounting and the request event."""
 
     status: int = 0
     upstream: str | None = None
     usage: Usage | None = None
     completed: bool = False
     client_gone: bool = False
+    refused_by_filter: bool = False
+    """An answer filter (an output guard) ended the answer."""
 
 
 @dataclass(slots=True)
@@ -92,32 +72,46 @@ class Attempts:
 
 
 class Forwarder:
-    """Sends a checked request to the pool's upstreams, with retries before the first byte."""
+    """Sends a checked call to the pool's upstreams, with retries before the first byte.
 
-    def __init__(self, settings: Settings, pool: UpstreamPool, transport: UpstreamTransport):
+    It knows the call's answer filters only as a list to run the answer through, and its
+    sinks only as one fan-out to complete before the answer's last byte goes out.
+    """
+
+    def __init__(
+        self, settings: Settings, pool: UpstreamPool, transport: UpstreamTransport, sinks: CallSinks
+    ):
         self._pool = pool
         self._transport = transport
+        self._sinks = sinks
         self._max_attempts = settings.retry.max_attempts
         self._expose_upstream = settings.server.expose_upstream_header
 
     async def open(
-        self, request: ProxyRequest, attempts: Attempts
+        self, call: CallContext, body: bytes, attempts: Attempts
     ) -> tuple[Upstream, UpstreamResponse]:
         """An upstream's response whose status is below 500, or the last failure raised."""
+        model = call.event.model_served or call.body["model"]
+        request_id = call.event.request_id
+        path = call.route
+        accept = "text/event-stream" if call.stream else "application/json"
         while len(attempts.tried) < self._max_attempts:
-            upstream = self._pool.choose(request.model, frozenset(attempts.tried))
+            upstream = self._pool.choose(model, frozenset(attempts.tried))
             if upstream is None:
                 break
+            if attempts.tried:
+                call.event.retries += 1
             attempts.tried.add(upstream)
+            call.event.upstream = upstream.name
             headers = {
                 "content-type": "application/json",
-                "accept": "text/event-stream" if request.stream else "application/json",
-                "x-request-id": request.request_id,
+                "accept": accept,
+                "x-request-id": request_id,
                 **upstream.request_headers,
             }
             try:
                 response = await self._transport.send(
-                    "POST", upstream.base_url + request.path, headers, request.body
+                    "POST", upstream.base_url + path, headers, body
                 )
             except GatewayError as exc:
                 attempts.failed(upstream, exc)
@@ -132,37 +126,39 @@ class Forwarder:
                 continue
             return upstream, response
         if attempts.failure is None:
-            raise NoHealthyUpstream(f"No healthy upstream serves the model '{request.model}'.")
+            raise NoHealthyUpstream(f"No healthy upstream serves the model '{model}'.")
         raise attempts.failure
 
-    def response_headers(
-        self, request: ProxyRequest, upstream: Upstream
-    ) -> list[tuple[bytes, bytes]]:
+    def response_headers(self, call: CallContext, upstream: Upstream) -> list[tuple[bytes, bytes]]:
         if self._expose_upstream:
-            return [*request.response_headers, (b"x-bastion-upstream", upstream.name.encode())]
-        return request.response_headers
+            return [*call.response_headers, (b"x-bastion-upstream", upstream.name.encode())]
+        return call.response_headers
 
-    async def respond(self, request: ProxyRequest, send: Send, receive: Receive) -> Outcome:
+    async def respond(self, call: CallContext, send: Send, receive: Receive) -> Outcome:
         """Answer the client; if it goes away first, the upstream request is closed."""
         outcome = Outcome()
-        watch_after_s = 0.0 if request.stream else WATCH_DISCONNECT_AFTER_S
+        watch_after_s = 0.0 if call.stream else WATCH_DISCONNECT_AFTER_S
+        body = call.forward_body()
+        call.upstream_started = time.perf_counter()
         async with DisconnectGuard(receive, watch_after_s) as guard:
-            if request.stream:
-                await self._respond_stream(request, send, outcome)
+            if call.stream:
+                await self._respond_stream(call, body, send, outcome)
             else:
-                await self._respond_whole(request, send, outcome)
+                await self._respond_whole(call, body, send, outcome)
         if guard.client_gone:
             outcome.client_gone = True
-            log.info("client went away; upstream request %s closed", request.request_id)
+            log.info("client went away; upstream request %s closed", call.event.request_id)
         return outcome
 
-    async def _respond_whole(self, request: ProxyRequest, send: Send, outcome: Outcome) -> None:
+    async def _respond_whole(
+        self, call: CallContext, body: bytes, send: Send, outcome: Outcome
+    ) -> None:
         # Reading the body may still fail; nothing reached the client, so try again.
         attempts = Attempts()
         while True:
-            upstream, response = await self.open(request, attempts)
+            upstream, response = await self.open(call, body, attempts)
             try:
-                body = await response.read()
+                answer = await response.read()
             except GatewayError as exc:
                 attempts.failed(upstream, exc)
                 continue
@@ -171,55 +167,48 @@ class Forwarder:
                 raise
             upstream.breaker.record_success()
             break
+        call.upstream_ended = time.perf_counter()
         outcome.status, outcome.upstream = response.status, upstream.name
-        outcome.usage = usage_of_body(body) if response.status == 200 else None
+        outcome.usage = usage_of_body(answer) if response.status == 200 else None
+        note_usage(call, outcome.usage)
+        if response.status == 200 and call.filters:
+            try:
+                answer = await run_filters(call.filters, answer, last=True)
+            except GatewayError:
+                outcome.refused_by_filter = True
+                raise
+        call.answer = answer
         headers = [
             (b"content-type", response.content_type.encode()),
-            (b"content-length", str(len(body)).encode()),
-            *self.response_headers(request, upstream),
+            (b"content-length", str(len(answer)).encode()),
+            *self.response_headers(call, upstream),
         ]
-        verdict = None
-        if request.watermark is not None and response.status == 200:
-            found = await request.watermark.headers_for_body(body)
-            headers += found
-            verdict = found[0][1] if found else None
-        if request.audit is not None:
-            usage = outcome.usage
-            await request.audit.complete(
-                response.status,
-                prompt_tokens=usage.prompt_tokens if usage else None,
-                completion_tokens=usage.completion_tokens if usage else None,
-                watermark=verdict,
-                answer=body,
-            )
+        await self._sinks.complete(call, response.status)
         start = {"type": "http.response.start", "status": response.status, "headers": headers}
-        if request.header_lines:
-            start[RAW_HEADERS] = request.header_lines
+        if call.header_lines:
+            start[RAW_HEADERS] = call.header_lines
         await send(start)
-        await send({"type": "http.response.body", "body": body})
+        await send({"type": "http.response.body", "body": answer})
         outcome.completed = True
 
-    async def _respond_stream(self, request: ProxyRequest, send: Send, outcome: Outcome) -> None:
-        upstream, response = await self.open(request, Attempts())
+    async def _respond_stream(
+        self, call: CallContext, body: bytes, send: Send, outcome: Outcome
+    ) -> None:
+        upstream, response = await self.open(call, body, Attempts())
         outcome.status, outcome.upstream = response.status, upstream.name
         if response.status != 200 or "text/event-stream" not in response.content_type:
             # An upstream refusal of a stream request (400, 404...) comes as plain JSON.
-            body = await response.read()
+            answer = await response.read()
+            call.upstream_ended = time.perf_counter()
             upstream.breaker.record_success()
-            if request.audit is not None:
-                await request.audit.complete(
-                    response.status,
-                    prompt_tokens=None,
-                    completion_tokens=None,
-                    watermark=None,
-                    answer=body,
-                )
+            call.answer = answer
+            await self._sinks.complete(call, response.status)
             await send_json(
                 send,
                 response.status,
-                body,
-                self.response_headers(request, upstream),
-                request.header_lines,
+                answer,
+                self.response_headers(call, upstream),
+                call.header_lines,
             )
             outcome.completed = True
             return
@@ -227,12 +216,67 @@ class Forwarder:
         start = {
             "type": "http.response.start",
             "status": 200,
-            "headers": [*_STREAM_HEADERS, *self.response_headers(request, upstream)],
+            "headers": [*_STREAM_HEADERS, *self.response_headers(call, upstream)],
         }
-        if request.header_lines:
-            start[RAW_HEADERS] = request.header_lines
+        if call.header_lines:
+            start[RAW_HEADERS] = call.header_lines
         await send(start)
-        await _pump_stream(request, upstream, response, send, outcome)
+        await self._pump_stream(call, upstream, response, send, outcome)
+
+    async def _pump_stream(
+        self,
+        call: CallContext,
+        upstream: Upstream,
+        response: UpstreamResponse,
+        send: Send,
+        outcome: Outcome,
+    ) -> None:
+        """Pass SSE events on, through the call's filters, until the upstream ends or fails."""
+        framer = SSEFramer()
+        filters = call.filters
+        in_filters = False
+        try:
+            async for chunk in response.iter_chunks():
+                events = framer.feed(chunk)
+                if b'"prompt_tokens"' in events:
+                    events = _take_usage(events, call.hide_usage_chunk, outcome)
+                if filters and events:
+                    in_filters = True
+                    events = await run_filters(filters, events, last=False)
+                    in_filters = False
+                if events:
+                    call.note_delivered(events)
+                    await send({"type": "http.response.body", "body": events, "more_body": True})
+            call.upstream_ended = time.perf_counter()
+            tail = framer.finish()
+            if filters:
+                in_filters = True
+                tail = await run_filters(filters, tail, last=True)
+                in_filters = False
+            # The stream's end goes out only once its entry is durable.
+            call.note_delivered(tail)
+            note_usage(call, outcome.usage)
+            await self._sinks.complete(call, 200)
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+            outcome.completed = True
+        except GatewayError as exc:
+            if in_filters:
+                outcome.refused_by_filter = True
+                log.info("an answer filter ended stream %s: %s", call.event.request_id, exc.code)
+            else:
+                upstream.breaker.record_failure()
+                log.warning("upstream %s failed mid-stream: %s", upstream.name, exc.message)
+            outcome.status = exc.status
+            await send({"type": "http.response.body", "body": sse_error_event(exc)})
+        finally:
+            await response.close()
+
+
+def note_usage(call: CallContext, usage: Usage | None) -> None:
+    if usage is not None:
+        call.event.prompt_tokens = usage.prompt_tokens
+        call.event.completion_tokens = usage.completion_tokens
+        call.event.cached_tokens = usage.cached_tokens
 
 
 def _take_usage(events: bytes, hide_usage_chunk: bool, outcome: Outcome) -> bytes:
@@ -246,50 +290,3 @@ def _take_usage(events: bytes, hide_usage_chunk: bool, outcome: Outcome) -> byte
                 continue
         kept.append(event)
     return b"\n\n".join(kept)
-
-
-async def _pump_stream(
-    request: ProxyRequest,
-    upstream: Upstream,
-    response: UpstreamResponse,
-    send: Send,
-    outcome: Outcome,
-) -> None:
-    """Pass SSE events on until the upstream ends or fails."""
-    framer = SSEFramer()
-    # Watermark verdict: a comment event inserted before "data: [DONE]" (or at the end).
-    watermark = request.watermark.stream() if request.watermark is not None else None
-    audit = request.audit
-    try:
-        async for chunk in response.iter_chunks():
-            events = framer.feed(chunk)
-            if b'"prompt_tokens"' in events:
-                events = _take_usage(events, request.hide_usage_chunk, outcome)
-            if watermark is not None:
-                events = await watermark.feed(events)
-            if events:
-                if audit is not None:
-                    audit.note_delivered(events)
-                await send({"type": "http.response.body", "body": events, "more_body": True})
-        tail = framer.finish()
-        if watermark is not None:
-            tail = await watermark.feed(tail) + await watermark.close()
-        if audit is not None:
-            # The stream's end goes out only once its entry is durable.
-            audit.note_delivered(tail)
-            usage = outcome.usage
-            await audit.complete(
-                200,
-                prompt_tokens=usage.prompt_tokens if usage else None,
-                completion_tokens=usage.completion_tokens if usage else None,
-                watermark=watermark.verdict if watermark is not None else None,
-            )
-        await send({"type": "http.response.body", "body": tail, "more_body": False})
-        outcome.completed = True
-    except GatewayError as exc:
-        upstream.breaker.record_failure()
-        outcome.status = exc.status
-        log.warning("upstream %s failed mid-stream: %s", upstream.name, exc.message)
-        await send({"type": "http.response.body", "body": sse_error_event(exc)})
-    finally:
-        await response.close()

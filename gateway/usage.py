@@ -21,6 +21,8 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    cached_tokens: int | None = None
+    """Prompt tokens served from the prefix cache (``prompt_tokens_details``), if told."""
 
     @classmethod
     def from_json(cls, usage: Any) -> Usage | None:
@@ -31,7 +33,14 @@ class Usage:
         total = usage.get("total_tokens")
         if not isinstance(prompt, int) or not isinstance(completion, int):
             return None
-        return cls(prompt, completion, total if isinstance(total, int) else prompt + completion)
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        return cls(
+            prompt,
+            completion,
+            total if isinstance(total, int) else prompt + completion,
+            cached if isinstance(cached, int) else None,
+        )
 
 
 def _text_size(value: Any) -> int:

@@ -27,22 +27,22 @@ import asyncio
 import logging
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
-import orjson
 from pydantic import BaseModel, ConfigDict, StrictStr
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from gateway.answer_text import answer_text_of
 from gateway.asgi import read_body
 from gateway.config import ConfigError, WatermarkSettings
 from gateway.errors import InvalidRequest, ModelNotFound, NotFound, ServiceUnavailable
+from gateway.pipeline import CallContext
 from gateway.schemas import parse_json_model
 from inference import watermark_keys
 from inference.watermark import Detection, WatermarkParams, derive_key, detect_pairs
 from inference.watermark_keys import KEYS_ENV_VAR
-from monitors.metrics import WATERMARK_VERDICTS
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -53,9 +53,8 @@ HEADER = b"x-bastion-watermark"
 # Longer answers are tokenized in a thread (about 1 ms of CPU per 4,000 characters),
 # shorter ones inline: a thread hop costs more than they do.
 INLINE_CHARS = 16_384
-# Text fields of a choice that the model generated (vLLM's reasoning parsers put the
-# thinking in reasoning_content, newer versions in reasoning).
-MESSAGE_FIELDS = ("content", "reasoning_content", "reasoning")
+STATE_KEY = "watermark.header"
+"""Where the verdict (the header value) is left on the call, for the audit entry."""
 
 
 class TokenizerUnavailable(ServiceUnavailable):
@@ -187,103 +186,94 @@ class WatermarkDetector:
         return await asyncio.to_thread(run)
 
 
-def _choice_texts(choices: Any, message_key: str, into: dict[tuple[int, str], list[str]]) -> None:
-    """Append the generated text of each choice (by index and field) to ``into``."""
-    if not isinstance(choices, list):
-        return
-    for position, choice in enumerate(choices):
-        if not isinstance(choice, dict):
-            continue
-        index = choice.get("index", position)
-        index = index if isinstance(index, int) else position
-        text = choice.get("text")
-        if isinstance(text, str):
-            into.setdefault((index, "text"), []).append(text)
-        message = choice.get(message_key)
-        if isinstance(message, dict):
-            for field in MESSAGE_FIELDS:
-                value = message.get(field)
-                if isinstance(value, str):
-                    into.setdefault((index, field), []).append(value)
-
-
 class AnswerCheck:
-    """The watermark check of one model's answers (``ProxyRequest.watermark``)."""
+    """The watermark check of one model's answers."""
 
     def __init__(self, detector: WatermarkDetector, model: str) -> None:
         self._detector = detector
         self.model = model
 
-    async def verdict(self, texts: list[str]) -> bytes | None:
-        """The header value for the answer's texts; None when it cannot be scored."""
+    async def detection(self, texts: list[str]) -> Detection | None:
+        """The verdict on the answer's texts; None when they cannot be scored."""
         try:
             found, _ = await self._detector.score_texts(self.model, texts)
         except TokenizerUnavailable:
             return None  # logged where it failed; the answer itself is fine
-        WATERMARK_VERDICTS.labels("watermarked" if found.watermarked else "absent").inc()
-        return header_value(found)
+        return found
 
-    async def headers_for_body(self, body: bytes) -> list[tuple[bytes, bytes]]:
-        """``[("x-bastion-watermark", verdict)]`` for a whole JSON answer (or nothing)."""
-        try:
-            document = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return []
-        if not isinstance(document, dict):
-            return []
-        texts: dict[tuple[int, str], list[str]] = {}
-        _choice_texts(document.get("choices"), "message", texts)
-        verdict = await self.verdict(["".join(parts) for parts in texts.values()])
-        return [] if verdict is None else [(HEADER, verdict)]
-
-    def stream(self) -> StreamCheck:
-        return StreamCheck(self)
+    async def verdict(self, texts: list[str]) -> bytes | None:
+        """The header value for the answer's texts; None when it cannot be scored."""
+        found = await self.detection(texts)
+        return None if found is None else header_value(found)
 
 
-class StreamCheck:
-    """Collects a stream's text; its verdict goes out as an SSE comment before [DONE]."""
+class WatermarkFilter:
+    """Scores one call's answer: a header on a whole answer, a comment before a stream's
+    ``[DONE]`` (or at its end). Reads the texts the answer-text filter gathered."""
 
-    __slots__ = ("_answer", "_sent", "_texts", "verdict")
+    __slots__ = ("_call", "_check", "_sent")
 
-    def __init__(self, answer: AnswerCheck) -> None:
-        self._answer = answer
-        self._texts: dict[tuple[int, str], list[str]] = {}
+    def __init__(self, check: AnswerCheck, call: CallContext) -> None:
+        self._check = check
+        self._call = call
         self._sent = False
-        self.verdict: bytes | None = None
-        """The header value once the stream ended (None: not scored)."""
 
-    async def feed(self, events: bytes) -> bytes:
-        """Note the text in ``events`` (whole SSE events); insert the verdict before [DONE]."""
+    async def feed(self, data: bytes) -> bytes:
         if self._sent:
-            return events
-        done_at = -1
-        for line in events.splitlines():
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                done_at = events.find(line)
-                break
-            if b'"choices"' not in payload:
-                continue
-            try:
-                chunk = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(chunk, dict):
-                _choice_texts(chunk.get("choices"), "delta", self._texts)
+            return data
+        if not self._call.stream:
+            verdict = await self._verdict()
+            if verdict is not None:
+                self._call.add_header(HEADER, verdict)
+            return data
+        done_at = _done_offset(data) if b"[DONE]" in data else -1
         if done_at < 0:
-            return events
-        return events[:done_at] + await self.close() + events[done_at:]
+            return data
+        return data[:done_at] + await self.close() + data[done_at:]
 
     async def close(self) -> bytes:
-        """The verdict comment, unless it was sent already (call once the stream ended)."""
-        if self._sent:
+        """The verdict comment, unless it was sent already."""
+        if self._sent or not self._call.stream:
             return b""
-        self._sent = True
-        verdict = await self._answer.verdict(["".join(p) for p in self._texts.values()])
-        self.verdict = verdict
+        verdict = await self._verdict()
         return b"" if verdict is None else b": " + HEADER + b": " + verdict + b"\n\n"
+
+    async def _verdict(self) -> bytes | None:
+        self._sent = True
+        text = answer_text_of(self._call)
+        if text is None or not text.readable:
+            return None
+        found = await self._check.detection(text.texts())
+        if found is None:
+            return None
+        event = self._call.event
+        event.watermark = "watermarked" if found.watermarked else "absent"
+        event.watermark_z = found.z_score
+        event.watermark_key = found.key_id if found.watermarked else None
+        verdict = header_value(found)
+        self._call.state[STATE_KEY] = verdict.decode("ascii")
+        return verdict
+
+
+def _done_offset(events: bytes) -> int:
+    """Where the ``data: [DONE]`` line starts in ``events``, or -1."""
+    offset = 0
+    for line in events.splitlines(keepends=True):
+        if line.startswith(b"data:") and line[5:].strip() == b"[DONE]":
+            return offset
+        offset += len(line)
+    return -1
+
+
+class WatermarkFilterSource:
+    """The watermark filter of calls to a model with a tokenizer (answer filters)."""
+
+    def __init__(self, detector: WatermarkDetector) -> None:
+        self._detector = detector
+
+    def for_call(self, call: CallContext) -> WatermarkFilter | None:
+        check = self._detector.for_model(call.event.model_served or "")
+        return None if check is None else WatermarkFilter(check, call)
 
 
 # --- POST /v1/watermark/detect -------------------------------------------------------------

@@ -74,6 +74,8 @@ class RequestEvent:
     upstream: str | None = None
     stream: bool = False
     ratelimit: RateLimitOutcome = "off"
+    ratelimit_bucket: Literal["requests", "tokens", "quota"] | None = None
+    """The bucket that ran dry, when the rate limiter refused."""
     guard_verdicts: list[GuardVerdict] = field(default_factory=list)
 
     # how it ended
@@ -88,6 +90,8 @@ class RequestEvent:
     bytes_out: int = 0
     watermark: Literal["watermarked", "absent"] | None = None
     watermark_z: float | None = None
+    watermark_key: str | None = None
+    """The id of the key whose watermark was found (only when watermarked)."""
     repetition_rate: float | None = None
     """Share of repeated word 4-grams in the answer (0 = none repeated): degeneration."""
 

@@ -45,11 +45,13 @@ class ErrorMiddleware:
             return
         except (GatewayError, HTTPException) as exc:
             error = exc if isinstance(exc, GatewayError) else _from_http_exception(exc)
+            scope["state"]["error_code"] = error.code  # for the request event (observer)
             if started:
                 log.warning("error after the response started: %s", error.message)
                 return
             await send_json(send, error.status, error.body(), error.headers())
         except Exception:
+            scope["state"]["error_code"] = "internal_error"
             request_id = scope.get("state", {}).get("request_id", "-")
             log.exception("unhandled error in request %s", request_id)
             if not started:

@@ -26,18 +26,22 @@ import openai
 import pytest
 from tokenizers import Tokenizer
 
+from gateway.answer_text import AnswerTextFilter
 from gateway.config import ConfigError, WatermarkSettings, load_settings
 from gateway.errors import InvalidRequest
+from gateway.pipeline import CallContext, run_filters
+from gateway.rbac import Principal
 from gateway.watermark_check import (
     KEYS_ENV_VAR,
-    StreamCheck,
     TokenizerUnavailable,
     WatermarkDetector,
     WatermarkEndpoint,
+    WatermarkFilterSource,
     load_watermark_keys,
     parse_keys,
 )
 from inference.watermark import WatermarkParams, derive_key, detect, score
+from monitors.request_event import RequestEvent
 from tests.support import ProcessPool, assert_openai_error, chat_body, free_port, run_bastion
 from tests.watermarking import build_tokenizer, sample
 
@@ -198,7 +202,23 @@ def test_detection_survives_the_tokenization_round_trip(tokenizer: Tokenizer) ->
     assert np.median(kept) > 0.9
 
 
-async def test_stream_check_inserts_the_verdict_before_done(
+def answer_call(detector: WatermarkDetector, model: str, stream: bool) -> CallContext:
+    """A call to ``model`` with the answer filters the gateway gives text routes."""
+    principal = Principal("k", frozenset({"app"}), None, None, "standard")
+    event = RequestEvent(time_us=0, request_id="r", route="/v1/chat/completions")
+    event.model_served = model
+    call = CallContext("/v1/chat/completions", {}, principal, event, b"{}", {}, stream=stream)
+    sources = [AnswerTextFilter(), WatermarkFilterSource(detector)]
+    call.filters = [f for f in (s.for_call(call) for s in sources) if f is not None]
+    return call
+
+
+async def run_whole(call: CallContext, body: bytes) -> list[tuple[bytes, bytes]]:
+    assert await run_filters(call.filters, body, last=True) == body
+    return call.response_headers
+
+
+async def test_stream_filter_inserts_the_verdict_before_done(
     detector: WatermarkDetector, tokenizer: Tokenizer
 ) -> None:
     text = texts(tokenizer, PARAMS, 1, seed=12)[0]
@@ -210,45 +230,49 @@ async def test_stream_check_inserts_the_verdict_before_done(
         {"choices": [], "usage": {"prompt_tokens": 1}},
     ]
     wire = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
-    check = detector.for_model("m1")
-    assert check is not None and detector.for_model("other") is None
-    stream: StreamCheck = check.stream()
+    assert detector.for_model("m1") is not None and detector.for_model("other") is None
+    call = answer_call(detector, "m1", stream=True)
+    assert len(call.filters) == 2
     out = b""
     for at in range(0, len(wire) - 1, 300):  # whole events at a time, as the framer gives
         end = wire.find(b"\n\n", at + 300)
-        out += await stream.feed(wire[at:] if end < 0 else wire[at : end + 2])
+        out += await run_filters(call.filters, wire[at:] if end < 0 else wire[at : end + 2], False)
     sent = out
-    comment = f": x-bastion-watermark: {expected_verdict(tokenizer, text)}\n\n".encode()
-    out += await stream.feed(b"data: [DONE]\n\n")
+    verdict = expected_verdict(tokenizer, text)
+    comment = f": x-bastion-watermark: {verdict}\n\n".encode()
+    out += await run_filters(call.filters, b"data: [DONE]\n\n", last=True)
     assert out == sent + comment + b"data: [DONE]\n\n"
-    assert await stream.close() == b""  # once only
+    assert call.event.watermark == verdict.split(";")[0]
+    assert call.event.watermark_z is not None
 
     # Without [DONE], the verdict comes when the stream ends.
-    late = check.stream()
-    assert await late.feed(wire) == wire
-    assert await late.close() == comment
+    late = answer_call(detector, "m1", stream=True)
+    assert await run_filters(late.filters, wire, last=False) == wire
+    assert await run_filters(late.filters, b"", last=True) == comment
+    # A model without a tokenizer gets no watermark filter.
+    assert len(answer_call(detector, "other", stream=True).filters) == 1
 
 
-async def test_body_check_reads_every_choice_and_field(
+async def test_body_filter_reads_every_choice_and_field(
     detector: WatermarkDetector, tokenizer: Tokenizer
 ) -> None:
     marked = texts(tokenizer, PARAMS, 2, seed=13)
-    check = detector.for_model("m1")
-    assert check is not None
     body = {
         "choices": [
             {"index": 0, "message": {"content": marked[0], "reasoning_content": marked[1]}},
             {"index": 1, "message": {"content": None, "tool_calls": []}},
         ]
     }
-    [(name, value)] = await check.headers_for_body(json.dumps(body).encode())
+    call = answer_call(detector, "m1", stream=False)
+    [(name, value)] = await run_whole(call, json.dumps(body).encode())
     segments = [tokenizer.encode(t, add_special_tokens=False).ids for t in marked]
     both = detector.score_ids(segments)
     assert name == b"x-bastion-watermark"
     assert value == f"watermarked; z={both.z_score:.2f}; key=k1".encode()
+    assert call.event.watermark == "watermarked" and call.event.watermark_key == "k1"
     assert both.scored > score(PARAMS, np.array(segments[0])).scored
-    assert await check.headers_for_body(b"not json") == []
-    [(_, empty)] = await check.headers_for_body(b'{"choices": []}')
+    assert await run_whole(answer_call(detector, "m1", False), b"not json") == []
+    [(_, empty)] = await run_whole(answer_call(detector, "m1", False), b'{"choices": []}')
     assert empty == b"absent; z=0.00"
 
 
@@ -259,9 +283,9 @@ async def test_a_broken_tokenizer_costs_the_verdict_not_the_answer(tmp_path: Pat
         with pytest.raises(TokenizerUnavailable):
             await broken.tokenizer("m1")
     assert list(broken._failed) == ["m1"]
-    check = broken.for_model("m1")
-    assert check is not None
-    assert await check.headers_for_body(b'{"choices": [{"text": "hello"}]}') == []
+    call = answer_call(broken, "m1", stream=False)
+    assert await run_whole(call, b'{"choices": [{"text": "hello"}]}') == []
+    assert call.event.watermark is None
 
 
 def test_detect_endpoint_needs_a_model_only_when_ambiguous(detector: WatermarkDetector) -> None:
