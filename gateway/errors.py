@@ -1,8 +1,10 @@
 """Every failure the gateway reports, in OpenAI's error JSON shape.
 
-Raise a :class:`GatewayError` subclass anywhere below a route; the error handler in
-:mod:`gateway.app` renders it as ``{"error": {"message", "type", "code", "param"}}``
-with the class's status. Streams that already started end with :func:`sse_error_event`.
+Raise a :class:`GatewayError` subclass anywhere below a route;
+:class:`gateway.middleware.errors.ErrorMiddleware` renders it as
+``{"error": {"message", "type", "code", "param"}}`` with the class's status and headers.
+The listener's own refusals (gateway/listener.py: 400, 408, 431) use :func:`error_body`
+too. Streams that already started end with :func:`sse_error_event`.
 """
 
 from __future__ import annotations

@@ -29,18 +29,36 @@ first read of a head that one read did not complete (uvicorn times out only the 
 time between requests). A late head gets 408 and the connection is closed; a new
 connection that sent nothing at all is closed without an answer. Heads that arrive in
 one read, nearly all of them, never start the timer.
+
+A body must arrive within ``body_timeout_s`` of the end of its head (nginx's
+``client_body_timeout``, 30 s by default; ``BASTION_SERVER__BODY_TIMEOUT_S``): else 408
+(when the app has not answered yet; the app's ``receive`` then sees a disconnect) and the
+connection is closed, lingering as after a 431. A connection trickling one byte every few
+seconds is no longer held open for ever. Bodies that arrive in the head's read never
+start the timer.
+
+A request must carry exactly one ``Host`` header (RFC 9112 section 3.2; HTTP/1.0 may
+omit it): a missing or repeated one gets 400.
+
+The copied parts (``data_received``, ``on_headers_complete``, the response start) follow
+one uvicorn version, :data:`UVICORN_VERSION`: at import, uvicorn's originals are compared
+with the fingerprints of that version, and a mismatch stops start-up with a message
+(:func:`check_uvicorn`) instead of running a copy of code that changed underneath it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import hashlib
+import inspect
 import logging
+import os
 import re
 import types
 from typing import Any
 
 import httptools
+import uvicorn
 from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import (
     HEADER_RE,
@@ -51,6 +69,7 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 
 from gateway.asgi import RAW_HEADERS, raw_header_pairs
+from gateway.errors import error_body
 from gateway.tls import connection_tls
 
 log = logging.getLogger("gateway.listener")
@@ -63,6 +82,69 @@ DEFAULT_MAX_HEAD_BYTES = 64 * 1024
 LINGER_S = 2.0
 # How long a request head may take to arrive (nginx's client_header_timeout: 60 s).
 HEAD_TIMEOUT_S = 60.0
+
+# How long a request body may take to arrive after its head (nginx's client_body_timeout
+# is 60 s; an LLM request's body is a few kilobytes to a few megabytes).
+BODY_TIMEOUT_S = 30.0
+BODY_TIMEOUT_ENV = "BASTION_SERVER__BODY_TIMEOUT_S"
+
+UVICORN_VERSION = "0.54.0"
+"""The uvicorn whose httptools protocol this module copies parts of (pinned in pyproject)."""
+# The first 16 hex digits of the SHA-256 of the source of each uvicorn function the
+# listener copies or reruns with other globals, as in UVICORN_VERSION. Update both
+# together, after re-reading the copies.
+UVICORN_FINGERPRINTS = {
+    "HttpToolsProtocol.data_received": "010a7ae59a5d3b1a",
+    "HttpToolsProtocol.on_headers_complete": "1ea8589acfad92d8",
+    "HttpToolsProtocol.on_message_complete": "1fbad42dc31fc01f",
+    "RequestResponseCycle.send": "abdd8601b326a8da",
+}
+
+
+class UvicornMismatch(RuntimeError):
+    """The installed uvicorn is not the one gateway/listener.py was written against."""
+
+
+def uvicorn_fingerprints() -> dict[str, str]:
+    """The installed uvicorn's fingerprints of the functions the listener copies."""
+    found = {}
+    for name in UVICORN_FINGERPRINTS:
+        owner, attribute = name.split(".")
+        function = getattr(getattr(httptools_impl, owner), attribute)
+        found[name] = hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:16]
+    return found
+
+
+def check_uvicorn() -> None:
+    """Raise :class:`UvicornMismatch` unless the copied uvicorn code is the pinned one."""
+    changed = sorted(
+        name
+        for name, digest in uvicorn_fingerprints().items()
+        if digest != UVICORN_FINGERPRINTS[name]
+    )
+    if changed:
+        raise UvicornMismatch(
+            f"gateway/listener.py copies parts of uvicorn {UVICORN_VERSION}'s httptools "
+            f"protocol, but uvicorn {uvicorn.__version__} is installed and its "
+            f"{', '.join(changed)} differ: install uvicorn=={UVICORN_VERSION} (pyproject "
+            "pins it), or review the copies against the new version and update "
+            "UVICORN_VERSION and UVICORN_FINGERPRINTS."
+        )
+
+
+check_uvicorn()
+
+
+def body_timeout_s() -> float:
+    """``BASTION_SERVER__BODY_TIMEOUT_S`` (the configuration's ``server.body_timeout_s``, which
+    ``bastion serve`` exports to its workers), else :data:`BODY_TIMEOUT_S`."""
+    text = os.environ.get(BODY_TIMEOUT_ENV)
+    try:
+        value = float(text) if text else BODY_TIMEOUT_S
+    except ValueError:
+        return BODY_TIMEOUT_S
+    return value if value > 0 else BODY_TIMEOUT_S
+
 
 # Above this many bytes held, a write goes out at once: a producer that writes a lot in
 # one turn must meet the transport's own flow control (pause_writing) in time.
@@ -306,6 +388,10 @@ class RequestHeadTooLarge(Exception):
     """A complete request head over the limit (raised in the parser's callback)."""
 
 
+class BadHost(Exception):
+    """A request without its Host header, or with two (raised in the parser's callback)."""
+
+
 def head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
     """A parsed head's size as it came: the target, and each header's ``name: value``
     line (the method and version, a few bytes, are left out)."""
@@ -328,6 +414,8 @@ class ListenerProtocol(HttpToolsProtocol):
     _read = 0
     _refused = False
     _head_timer: asyncio.TimerHandle | None = None
+    _body_timer: asyncio.TimerHandle | None = None
+    body_timeout_s = BODY_TIMEOUT_S
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescedWrites(transport, self.loop))
@@ -336,11 +424,15 @@ class ListenerProtocol(HttpToolsProtocol):
         if limit is not None:
             self.max_head_bytes = limit
         self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self.head_timed_out)
+        self.body_timeout_s = body_timeout_s()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -357,6 +449,11 @@ class ListenerProtocol(HttpToolsProtocol):
             if isinstance(exc.__context__, RequestHeadTooLarge):
                 self.refuse_head()
                 return
+            if isinstance(exc.__context__, BadHost):
+                self.refuse(
+                    400, b"Bad Request", "A request needs exactly one Host header.", "invalid_host"
+                )
+                return
             msg = "Invalid HTTP request received."
             self.logger.warning(msg)
             self.send_400_response(msg)
@@ -372,6 +469,39 @@ class ListenerProtocol(HttpToolsProtocol):
                 self.refuse_head()  # still arriving, and over the limit already
             elif self._head_timer is None:
                 self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self.head_timed_out)
+        elif self._body_timer is None and self.cycle is not None and self.cycle.more_body:
+            # A body that this read did not complete: it has body_timeout_s to arrive.
+            self._body_timer = self.loop.call_later(self.body_timeout_s, self.body_timed_out)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def body_timed_out(self) -> None:
+        """The body did not arrive in body_timeout_s: 408 unless the app answered, close."""
+        self._body_timer = None
+        cycle = self.cycle
+        if self._refused or self.transport.is_closing() or cycle is None or not cycle.more_body:
+            return
+        log.warning(
+            "request body not complete in %g s: answered 408 and closed", self.body_timeout_s
+        )
+        # The app sees the client gone (its receive() returns http.disconnect) and anything
+        # it still sends is dropped.
+        cycle.disconnected = True
+        cycle.message_event.set()
+        if cycle.response_started:
+            self.transport.close()
+            return
+        cycle.response_started = cycle.response_complete = True
+        self.refuse(
+            408,
+            b"Request Timeout",
+            "The request's body took too long to arrive.",
+            "request_timeout",
+        )
 
     def head_timed_out(self) -> None:
         """HEAD_TIMEOUT_S passed without a complete head: 408 if one had begun, then close."""
@@ -398,29 +528,28 @@ class ListenerProtocol(HttpToolsProtocol):
         client still sending its head could lose the 431 before reading it."""
         limit = self.max_head_bytes
         log.warning("request head over %d bytes: answered 431 and closed", limit)
-        self._in_head = False
-        self._refused = True
-        self.write_error(
+        self.refuse(
             431,
             b"Request Header Fields Too Large",
             f"The request's headers exceed the limit of {limit} bytes.",
             "request_headers_too_large",
         )
+
+    def refuse(self, status: int, reason: bytes, message: str, code: str) -> None:
+        """An error answer, then a lingering close: what the client still sends is
+        dropped unread until the close, LINGER_S later."""
+        self._in_head = False
+        self._refused = True
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self.write_error(status, reason, message, code)
         self.loop.call_later(LINGER_S, self.transport.close)
 
     def write_error(self, status: int, reason: bytes, message: str, code: str) -> None:
         """An answer in OpenAI's error shape, with the server's default headers, that
         closes the connection."""
-        body = json.dumps(
-            {
-                "error": {
-                    "message": message,
-                    "type": "invalid_request_error",
-                    "code": code,
-                    "param": None,
-                }
-            }
-        ).encode()
+        body = error_body(message, "invalid_request_error", code)
         content = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
         for name, value in self.server_state.default_headers:
             content.extend([name, b": ", value, b"\r\n"])
@@ -456,6 +585,9 @@ class ListenerProtocol(HttpToolsProtocol):
         could_be_over = self._head_bytes + self._begin_read > limit
         if could_be_over and head_size(self.url, self.headers) > limit:
             raise RequestHeadTooLarge
+        hosts = sum(1 for name, _ in self.headers if name == b"host")
+        if hosts != 1 and (hosts > 1 or self.parser.get_http_version() != "1.0"):
+            raise BadHost
         self._start_cycle()
 
     # uvicorn's own on_headers_complete, run with ListenerCycle where it names

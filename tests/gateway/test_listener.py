@@ -744,3 +744,131 @@ def test_a_late_head_gets_408_over_a_real_socket(monkeypatch: pytest.MonkeyPatch
             data += chunk
     assert data.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), data
     assert b'"request_timeout"' in data
+
+
+# --- Host header, body deadline, the pinned uvicorn (issue 14 items 6 and 14, issue 15) ------
+
+
+@pytest.mark.usefixtures("short_linger")
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX-A: 1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET / HTTP/1.0\r\nHost: a\r\nhost: a\r\n\r\n",
+    ],
+)
+async def test_a_missing_or_repeated_host_gets_400_and_a_close(head: bytes) -> None:
+    app = Recorder()
+    transport, _ = await serve_reads(app, [head], max_head=65536)
+    [(status, body)] = answers(transport)
+    assert status == 400
+    assert json.loads(body)["error"] == {
+        "message": "A request needs exactly one Host header.",
+        "type": "invalid_request_error",
+        "code": "invalid_host",
+        "param": None,
+    }
+    assert transport.calls[:2] == ["write", "close"]
+    assert app.calls == 0
+
+
+async def test_http_1_0_may_omit_host() -> None:
+    transport, _ = await serve_reads(Recorder(), [b"GET / HTTP/1.0\r\n\r\n"], max_head=65536)
+    assert answers(transport) == [(200, b"0")]
+
+
+def _reading_app(seen: list[str]) -> Any:
+    """Reads the body with gateway.asgi.read_body and answers its length."""
+    from gateway.asgi import ClientDisconnected, read_body
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            body = await read_body(scope, receive, 1 << 20)
+        except ClientDisconnected:
+            seen.append("disconnected")
+            return
+        seen.append("read")
+        answer = str(len(body)).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-length", str(len(answer)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": answer})
+
+    return app
+
+
+def test_a_body_trickling_past_the_deadline_gets_408_over_a_real_socket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A slow client (a byte every 0.1 s) is cut at the deadline: 408, then the close."""
+    import time
+
+    monkeypatch.setenv(listener.BODY_TIMEOUT_ENV, "0.5")
+    seen: list[str] = []
+    with (
+        served_for_real(_reading_app(seen)) as port,
+        socket.create_connection(("127.0.0.1", port), timeout=5) as conn,
+    ):
+        conn.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+        started = time.monotonic()
+        data = b""
+        conn.settimeout(0.1)
+        while time.monotonic() - started < 5:
+            with contextlib.suppress(OSError):
+                conn.sendall(b"x")
+            try:
+                chunk = conn.recv(65536)
+            except TimeoutError:
+                continue
+            if not chunk:
+                break
+            data += chunk
+        took = time.monotonic() - started
+    assert data.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), data
+    assert b'"request_timeout"' in data and b"connection: close\r\n" in data
+    assert 0.4 < took < 4, took  # the deadline, then the lingering close (LINGER_S)
+    assert seen == ["disconnected"]
+
+
+def test_a_body_in_pieces_within_the_deadline_is_served(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(listener.BODY_TIMEOUT_ENV, "1.0")
+    seen: list[str] = []
+    with (
+        served_for_real(_reading_app(seen)) as port,
+        socket.create_connection(("127.0.0.1", port), timeout=5) as conn,
+    ):
+        conn.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n")
+        for byte in b"abc":
+            threading_sleep(0.1)
+            conn.sendall(bytes([byte]))
+        data = b""
+        while not data.endswith(b"\r\n\r\n3"):
+            data += conn.recv(65536)
+        # Kept alive past the deadline: the timer stopped with the body.
+        threading_sleep(1.2)
+        conn.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nab")
+        data = b""
+        while not data.endswith(b"\r\n\r\n2"):
+            data += conn.recv(65536)
+    assert seen == ["read", "read"]
+
+
+def threading_sleep(seconds: float) -> None:
+    import time
+
+    time.sleep(seconds)
+
+
+def test_the_copied_uvicorn_code_is_the_pinned_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    listener.check_uvicorn()  # as at import
+    assert listener.uvicorn_fingerprints() == listener.UVICORN_FINGERPRINTS
+    changed = {**listener.UVICORN_FINGERPRINTS, "RequestResponseCycle.send": "0" * 16}
+    monkeypatch.setattr(listener, "UVICORN_FINGERPRINTS", changed)
+    with pytest.raises(listener.UvicornMismatch, match=r"RequestResponseCycle\.send differ"):
+        listener.check_uvicorn()
