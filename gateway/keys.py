@@ -139,6 +139,7 @@ class KeyStore:
     """Keys in the SQL store (synchronous; called from threads on the event loop's side)."""
 
     def __init__(self, engine: Engine, hasher: KeyHasher) -> None:
+        self.engine = engine
         self._engine = engine
         self._hasher = hasher
 
