@@ -83,3 +83,12 @@ def test_a_deployment_that_allows_privileged_keys_mints_them(tmp_path: Path) -> 
             with TestClient(_As(router, admin)) as direct:
                 r = direct.post("/k", json={"roles": ["auditor"]})
                 assert r.status_code == status, r.text
+
+
+@pytest.mark.parametrize("path", ["/admin/keys/", "/v1/models/", "/healthz/", "//evil.example/"])
+def test_no_redirect_is_built_from_the_host_header(gateway, path: str) -> None:  # type: ignore[no-untyped-def]
+    """Issue 14 item 10: a trailing slash was answered 307 to ``http://<Host>/admin/keys``."""
+    client, _ = gateway
+    r = client.get(path, headers={"host": "evil.example"}, follow_redirects=False)
+    assert not r.is_redirect and "location" not in r.headers, r.headers
+    assert_openai_error(r, 404, "invalid_request_error", "not_found")
