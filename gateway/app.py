@@ -162,8 +162,9 @@ class BastionApp:
         def model_route(path: str, schema: Any, streams: bool) -> Route:
             # The text routes (the streaming ones) have answer filters.
             filters = self.answer_filters if streams else []
+            depth = self.settings.server.max_json_depth
             endpoint = ModelEndpoint(
-                path, schema, streams, cap, self.checks, filters, forwarder, self.sinks
+                path, schema, streams, cap, depth, self.checks, filters, forwarder, self.sinks
             )
             return Route(path, Guarded(endpoint, "models:call"), methods=["POST"])
 

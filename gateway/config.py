@@ -113,6 +113,9 @@ class ServerSettings(Section):
     max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     """The most a request's head (target and headers) may take: a larger one is answered
     431 and its connection closed, before the rest of it is read."""
+    max_json_depth: int = Field(default=64, ge=4, le=200)
+    """The deepest nesting of arrays and objects a model call's body may have (400 past
+    it). Well under the audit encoder's 254, so whatever is forwarded can be recorded."""
     tls: TLSSettings | None = None
     expose_upstream_header: bool = True
     """Send ``x-bastion-upstream`` (the serving upstream's name) on proxied responses."""

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from gateway.asgi import Receive, Scope, Send, header_value, read_body
 from gateway.errors import GatewayError
+from gateway.json_depth import check_json_depth
 from gateway.middleware.auth import principal_of
 from gateway.pipeline import AnswerFilterSource, CallContext, CallSinks, RequestCheck
 from gateway.proxy import Forwarder, Outcome
@@ -54,6 +55,7 @@ class ModelEndpoint:
         schema: type[_Body],
         streams: bool,
         max_body_bytes: int,
+        max_json_depth: int,
         checks: Sequence[RequestCheck],
         filters: Sequence[AnswerFilterSource],
         forwarder: Forwarder,
@@ -63,6 +65,7 @@ class ModelEndpoint:
         self._schema = schema
         self._streams = streams
         self._max_body_bytes = max_body_bytes
+        self._max_json_depth = max_json_depth
         self.checks = list(checks)
         """In order; build_app's list."""
         self.filters = list(filters)
@@ -72,6 +75,7 @@ class ModelEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw = await read_body(scope, receive, self._max_body_bytes)
+        check_json_depth(raw, self._max_json_depth)
         body = parse_body(raw, self._schema)
         principal = principal_of(scope)
         event = request_event(scope, self._path, principal)

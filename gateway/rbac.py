@@ -5,6 +5,8 @@ says which roles hold it. ``public`` routes need no key. A data subject acting o
 own data (``/privacy/subjects/{their id}``) is allowed by ``privacy:self`` whatever
 their roles. ``watermark:opt_out`` belongs to no route: it lets a model call turn the
 inference tier's watermark off (``"vllm_xargs": {"bastion_watermark": "off"}``).
+``priority:set`` belongs to no route either: it lets a model call keep its own vLLM
+``priority``; anyone else's is replaced by the key tier's.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ Permission = Literal[
     "privacy:manage",
     "privacy:self",
     "metrics:read",
+    "priority:set",
 ]
 
 ROLE_PERMISSIONS: Mapping[str, frozenset[str]] = {
@@ -39,6 +42,7 @@ ROLE_PERMISSIONS: Mapping[str, frozenset[str]] = {
             "keys:manage",
             "upstreams:read",
             "metrics:read",
+            "priority:set",
         }
     ),
     "model_admin": frozenset(
@@ -49,6 +53,7 @@ ROLE_PERMISSIONS: Mapping[str, frozenset[str]] = {
             "watermark:opt_out",
             "upstreams:read",
             "metrics:read",
+            "priority:set",
         }
     ),
     "data_scientist": frozenset(
