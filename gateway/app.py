@@ -119,7 +119,9 @@ class BastionApp:
         self.answer_filters = self._answer_filters()
         durable: list[DurableSink] = [self.audit] if self.audit is not None else []
         self.sinks = CallSinks(durable)
-        self.router = Router(routes=self._routes(), lifespan=self._lifespan)
+        # No redirect from a path with a trailing slash: Starlette would build it from the
+        # Host header, an open redirect for anyone who can set that header.
+        self.router = Router(routes=self._routes(), lifespan=self._lifespan, redirect_slashes=False)
         authentication = AuthenticationMiddleware(
             self.router,
             self.key_cache if settings.auth.enabled else None,
