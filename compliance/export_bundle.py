@@ -42,6 +42,7 @@ from compliance.chain_walk import (
     walk_chain,
 )
 from compliance.keyring import KeyRing, subject_owner
+from compliance.private_files import open_private
 from compliance.reader import AuditEntry, AuditReader, PayloadUnavailable
 from compliance.records import CONTENT_VIEWED, EXPORT_MADE, AuditRecord, now_us
 from compliance.signing import CheckpointVerifier, fingerprint, public_key_pem, sign_checkpoint
@@ -350,7 +351,11 @@ def _manifest(
 
 
 def _tar(parts: Path, path: Path, created_us: int) -> None:
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+    # 0600: the bundle may hold decrypted payloads.
+    with (
+        open_private(path) as raw,
+        tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
         for name in (fmt.MANIFEST, fmt.SIGNATURE, *fmt.CONTENT_FILES):
             data = (parts / name).read_bytes()
             info = tarfile.TarInfo(name)

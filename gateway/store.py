@@ -12,8 +12,11 @@ from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import JSON, DateTime, Engine, LargeBinary, MetaData, String, create_engine, event
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql import func
+
+from compliance.private_files import create_private_file
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -59,10 +62,34 @@ def normalise_url(url: str) -> str:
     return url
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file of a ``sqlite:///path`` URL; None for memory and ``file:`` URI databases."""
+    parsed = make_url(url)
+    database = parsed.database
+    if (
+        not database
+        or database == ":memory:"
+        or parsed.query.get("uri")
+        or database.startswith("file:")
+    ):
+        return None
+    return Path(database)
+
+
 def make_engine(url: str) -> Engine:
     url = normalise_url(url)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30})
+        path = sqlite_file(url)
+        if path is not None:
+
+            @event.listens_for(engine, "do_connect")
+            def _private_file(*_args: object) -> None:
+                # The store holds subject ids and privacy profiles: made 0600 (in 0700
+                # folders) when the first connection would create it. SQLite gives its
+                # -wal and -shm files the database file's mode.
+                if not path.exists():
+                    create_private_file(path)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(connection: object, _record: object) -> None:
