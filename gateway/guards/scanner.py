@@ -7,6 +7,7 @@ so swapping one for another (gorget, an operator's own model) is configuration.
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -49,6 +50,12 @@ class ScanContext:
     model: str | None = None
     wants_json: bool = False
     """The caller asked for a JSON answer (response_format)."""
+    known_values: Container[str] = frozenset()
+    """Values the caller itself sent (its PII vault's): an output scanner does not report
+    them as leaks."""
+    final: bool = True
+    """The text is complete; False for a window of a stream still arriving (a scanner that
+    needs the whole text, such as JSON validity, waits for the final one)."""
 
 
 class Scanner(Protocol):
@@ -57,3 +64,9 @@ class Scanner(Protocol):
     name: str
 
     def scan(self, text: str, context: ScanContext) -> Finding | None: ...
+
+
+# Optional attributes a scanner may declare (read with getattr; absent means False):
+#   heavy: runs a model; the pipeline runs it in its worker pool with a timeout.
+#   whole_request: scans all of a request's texts joined (token limit), not each text.
+#   default_threshold: the score at which a finding counts when the policy sets none.
