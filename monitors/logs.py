@@ -18,6 +18,7 @@ payload unless ``debug_personal_data`` is on; no line ever carries an API key.
 from __future__ import annotations
 
 import logging
+import sys
 from contextvars import ContextVar
 from typing import Any, Literal
 
@@ -76,6 +77,15 @@ _EXCLUDED = (
     "ecs_document",
     "request_id",
 )
+
+
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The one handler, on stderr; it takes Python's warnings too (``py.warnings``), so
+    that a library's DeprecationWarning comes out as a line of the same format."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        logging.captureWarnings(True)
 
 
 class ECSFormatter(ecs_logging.StdlibFormatter):
@@ -153,8 +163,7 @@ def logging_config(
         "formatters": {"default": formatter, "access": formatter},
         "handlers": {
             "stderr": {
-                "class": "logging.StreamHandler",
-                "stream": "ext://sys.stderr",
+                "()": "monitors.logs.StderrHandler",
                 "formatter": "default",
                 "filters": ["request_id"],
             },
