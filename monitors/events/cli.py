@@ -28,7 +28,9 @@ async def _setup(settings: EventSettings, force: bool) -> SetupReport:
 
 def make_events_app(loader: SettingsLoader | None = None) -> typer.Typer:
     """The ``events`` command group; ``loader`` reads ``--config`` (None: options only)."""
-    events_app = typer.Typer(help="Request events in Elasticsearch/OpenSearch.", no_args_is_help=True)
+    events_app = typer.Typer(
+        help="Request events in Elasticsearch/OpenSearch.", no_args_is_help=True
+    )
 
     @events_app.command("setup")
     def setup(

@@ -65,6 +65,12 @@ _REASONS = {
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 
 
+def _redact(reason: str) -> str:
+    """A cluster's reason without the values it quotes (they may be personal data)."""
+    reason = reason.split("Preview of field")[0]
+    return _QUOTED.sub("…", reason).strip()
+
+
 @dataclass(slots=True)
 class _Item:
     """One rendered document: what a bulk line and a spool record are made of."""
@@ -279,8 +285,8 @@ class EventShipper:
         self._setup_at = now
         if report.template != "present" or report.lifecycle not in ("present", "unavailable"):
             log.info("event index setup: %s", "; ".join(report.lines()))
-        if report.lifecycle == "unavailable":
-            self._log_once("no-lifecycle", "event cluster: %s", report.notes[0])
+        for note in report.notes:
+            self._log_once(f"setup:{note[:20]}", "event cluster: %s", note)
 
     async def _ship(self, items: list[_Item]) -> list[_Item]:
         """Send items; return those still undelivered (to spool). Never raises."""
@@ -308,7 +314,7 @@ class EventShipper:
             self.stats.sent += outcome.indexed
             self.stats.duplicates += outcome.duplicates
             for _, kind, reason in outcome.failed:
-                self._fail(_REASONS.get(kind, "other"), 1, f"{kind}: {_QUOTED.sub('…', reason)}")
+                self._fail(_REASONS.get(kind, "other"), 1, f"{kind}: {_redact(reason)}")
             pending = [pending[p] for p in outcome.retry]
             if not pending:
                 return []

@@ -1,0 +1,348 @@
+"""Event shipping against a real server: osmem-server (an in-memory OpenSearch 3 API).
+
+osmem has index templates, strict mappings, ``_bulk`` with per-item errors and
+delete-by-query, but no ILM/ISM and no data streams: the shipper falls back to daily
+indices there, which is what these tests exercise (docs/events.md lists what stays
+unverified without a real Elasticsearch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import typer
+from osmem_server import OsmemServer
+from typer.testing import CliRunner
+
+from monitors.events.cli import events_app
+from monitors.events.cluster import Cluster
+from monitors.events.settings import ClusterAuth, EventSettings
+from monitors.events.shipper import EventShipper
+from monitors.events.templates import MAPPINGS, TEMPLATE_VERSION, daily_index
+from monitors.request_event import RequestEvent
+from tests.monitors.test_events_ecs import ALL_ON, PROMPT, event_kinds
+
+REPO = Path(__file__).resolve().parents[2]
+T0 = 1_796_204_678_000_000  # 2026-12-02, microseconds
+
+
+class Server:
+    """An osmem-server that can be killed and restarted on the same port."""
+
+    def __init__(self) -> None:
+        self.proc = OsmemServer.start(japanese=False)
+        self.url = self.proc.url
+        self.http = httpx.Client(base_url=self.url, timeout=10)
+
+    def kill(self) -> None:
+        self.proc.process.kill()
+        self.proc.process.wait()
+
+    def restart(self) -> None:
+        self.proc = OsmemServer.start(japanese=False, addr=self.url.removeprefix("http://"))
+
+    def get(self, path: str, **kw: Any) -> Any:
+        return self.http.get(path, **kw).json()
+
+    def docs(self, **query: Any) -> list[dict[str, Any]]:
+        """Every event document, in the order the server indexed them."""
+        self.http.post("/logs-bastion.gateway-*/_refresh")
+        body = {"size": 10_000, "sort": ["_doc"], "query": query or {"match_all": {}}}
+        hits = self.http.post("/logs-bastion.gateway-*/_search", json=body).json()
+        return [{"_id": h["_id"], **h["_source"]} for h in hits["hits"]["hits"]]
+
+    def close(self) -> None:
+        self.http.close()
+        self.proc.close()
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    srv = Server()
+    yield srv
+    srv.close()
+
+
+def settings_for(server: Server, tmp_path: Path, **changes: Any) -> EventSettings:
+    base = dict(url=server.url, spool_dir=tmp_path / "spool", flush_interval_s=0.05, batch_size=50)
+    return EventSettings(**{**base, **changes})
+
+
+def numbered(n: int, start: int = 0, **changes: Any) -> list[RequestEvent]:
+    return [
+        RequestEvent(
+            time_us=T0 + i * 1000,
+            request_id=f"req-{i:06d}",
+            route="/v1/chat/completions",
+            model="tiny",
+            status=200,
+            duration_s=0.01,
+            **changes,
+        )
+        for i in range(start, start + n)
+    ]
+
+
+async def until(check: Callable[[], bool], within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def test_setup_installs_template_and_says_what_it_did(server: Server) -> None:
+    settings = EventSettings(url=server.url, retention_days=7)
+    async with Cluster(settings, ClusterAuth()) as cluster:
+        first = await cluster.ensure_setup()
+        second = await cluster.ensure_setup()
+        forced = await cluster.ensure_setup(force=True)
+    assert (first.flavour, first.template, first.lifecycle) == (
+        "opensearch",
+        "installed",
+        "unavailable",
+    )
+    assert first.data_stream is False, "osmem has no data streams: daily indices"
+    assert second.template == "present" and forced.template == "updated"
+    installed = server.get("/_index_template/logs-bastion.gateway")["index_templates"][0]
+    template = installed["index_template"]
+    assert template["index_patterns"] == ["logs-bastion.gateway-*"]
+    assert template["version"] == TEMPLATE_VERSION and template["priority"] > 100
+    assert template["template"]["mappings"]["dynamic"] == "strict"
+    assert any("NOT deleted after 7 days" in n for n in first.notes)
+
+
+async def test_documents_match_the_mapping_and_strangers_are_refused(
+    server: Server, tmp_path: Path
+) -> None:
+    shipper = EventShipper(
+        settings_for(
+            server,
+            tmp_path,
+            payloads=True,
+            include_subject=True,
+            include_client_ip=True,
+            include_user_agent=True,
+        )
+    )
+    await shipper.start()
+    for event in event_kinds():
+        shipper.offer(event)
+    await until(lambda: shipper.stats.sent == 5)
+    await shipper.stop()
+    assert shipper.stats.failed == {} and shipper.stats.spooled == 0
+    index = daily_index(ALL_ON, event_kinds()[0].time_us)
+    mapping = server.get(f"/{index}/_mapping")[index]["mappings"]
+    assert mapping["dynamic"] == "strict"
+    assert set(mapping["properties"]) == set(MAPPINGS["properties"]), "nothing added on the fly"
+    docs = {d["_id"]: d for d in server.docs()}
+    assert set(docs) == {e.request_id for e in event_kinds()}
+    assert docs["req-0001"]["bastion"]["payload"]["prompt"] == PROMPT
+    assert docs["req-0001"]["event"]["duration"] == 1_250_000_000
+
+    async with Cluster(ALL_ON.model_copy(update={"url": server.url}), ClusterAuth()) as cluster:
+        stranger = orjson.dumps({"@timestamp": "2026-12-02T00:00:00Z", "surprise": 1})
+        outcome = await cluster.bulk([(index, "stranger", stranger)])
+    assert outcome.indexed == 0
+    assert [kind for _, kind, _ in outcome.failed] == ["strict_dynamic_mapping_exception"]
+
+
+async def test_no_prompt_in_documents_unless_payloads(server: Server, tmp_path: Path) -> None:
+    shipper = EventShipper(settings_for(server, tmp_path))
+    await shipper.start()
+    for event in event_kinds():
+        shipper.offer(event)
+    await until(lambda: shipper.stats.sent == 5)
+    await shipper.stop()
+    stored = orjson.dumps(server.docs()).decode()
+    for secret in (PROMPT, "canary", "203.0.113.9", "OpenAI/Python"):
+        assert secret not in stored
+
+
+async def test_per_item_errors_are_final_counted_and_logged_once(
+    server: Server, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = settings_for(server, tmp_path)
+    events = numbered(20, key_id="key-abc")
+    # An index created before the template, with a field of another type: every
+    # document gets a per-item mapper_parsing_exception.
+    index = daily_index(settings, events[0].time_us)
+    conflicting = {
+        "mappings": {"properties": {"bastion": {"properties": {"key_id": {"type": "long"}}}}}
+    }
+    assert server.http.put(f"/{index}", json=conflicting).status_code == 200
+    shipper = EventShipper(settings)
+    await shipper.start()
+    with caplog.at_level(logging.WARNING, logger="bastion.events"):
+        for event in events:
+            shipper.offer(event)
+        await until(lambda: shipper.stats.failed.get("mapping") == 20)
+        await shipper.stop()
+    assert shipper.stats.sent == 0 and shipper.stats.spooled == 0 and shipper.stats.retried == 0
+    refusals = [r for r in caplog.records if "refused for good" in r.getMessage()]
+    assert len(refusals) == 1 and "mapper_parsing_exception" in refusals[0].getMessage()
+    assert "key-abc" not in caplog.text, "field values stay out of the log"
+
+
+async def test_killed_server_gets_every_spooled_event_once_and_in_order(
+    server: Server, tmp_path: Path
+) -> None:
+    shipper = EventShipper(settings_for(server, tmp_path))
+    await shipper.start()
+    for event in numbered(30):
+        shipper.offer(event)
+    await until(lambda: shipper.stats.sent == 30)
+
+    server.kill()
+    for event in numbered(400, start=30):
+        shipper.offer(event)
+        if event.request_id.endswith("0"):
+            await asyncio.sleep(0.005)  # spread over several batches
+    await until(lambda: shipper.stats.spooled == 400)
+    assert shipper.spool_gauges()[0] == 400
+
+    server.restart()  # empty: in-memory, no template either
+    await until(lambda: shipper.stats.sent == 430, within=40)
+    await shipper.stop()
+    docs = server.docs()
+    ids = [d["_id"] for d in docs]
+    assert ids == [f"req-{i:06d}" for i in range(30, 430)], "each once, in spool order"
+    assert [d["@timestamp"] for d in docs] == sorted(d["@timestamp"] for d in docs)
+    assert server.get("/_index_template/logs-bastion.gateway")["index_templates"], "reinstalled"
+    assert shipper.stats.duplicates == 0 and shipper.stats.dropped == 0
+    assert shipper.spool_gauges() == (0, 0, 0.0)
+
+
+async def test_full_queue_overflows_into_the_spool(server: Server, tmp_path: Path) -> None:
+    shipper = EventShipper(settings_for(server, tmp_path, queue_size=10))
+    await shipper.start()
+    for event in numbered(200):  # no await: the background task cannot drain meanwhile
+        shipper.offer(event)
+    assert shipper.stats.overflowed == 190 and shipper.stats.dropped == 0
+    await until(lambda: shipper.stats.sent == 200)
+    await shipper.stop()
+    assert len({d["_id"] for d in server.docs()}) == 200
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from monitors.events.settings import EventSettings
+    from monitors.events.shipper import EventShipper
+    from monitors.events.spool import Spool
+    from monitors.request_event import RequestEvent
+    settings = EventSettings(url="http://127.0.0.1:9", spool_dir=Path(sys.argv[1]))
+    render = EventShipper(settings)._render
+    spool = Spool.create(settings.spool_dir, settings.spool_max_bytes)
+    n = 0
+    while True:
+        batch = [RequestEvent(time_us=1796204678000000 + n + i, request_id=f"req-{n + i:06d}",
+                              route="/v1/completions", status=200) for i in range(25)]
+        spool.append([render(e).record() for e in batch])
+        n += 25
+        print(n, flush=True)
+    """
+)
+
+
+async def test_spool_of_a_sigkilled_worker_is_adopted_and_replayed(
+    server: Server, tmp_path: Path
+) -> None:
+    settings = settings_for(server, tmp_path, batch_size=500)
+    child = subprocess.Popen(  # noqa: ASYNC220 (started once, read line by line)
+        [sys.executable, "-c", CHILD, str(settings.spool_dir)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    acknowledged = 0
+    for line in child.stdout:
+        acknowledged = int(line)
+        if acknowledged >= 2000:
+            break
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    shipper = EventShipper(settings)
+    await shipper.start()
+    await until(lambda: shipper.stats.sent >= acknowledged, within=40)
+    await until(
+        lambda: (
+            not [p for p in settings.spool_dir.iterdir() if p.name.split("-")[0] == str(child.pid)]
+        )
+    )
+    await shipper.stop()
+    ids = [d["_id"] for d in server.docs()]
+    assert ids[:acknowledged] == [f"req-{i:06d}" for i in range(acknowledged)]
+    assert len(ids) == len(set(ids)) == shipper.stats.sent
+
+
+async def test_erasure_in_the_cluster_and_in_every_spool(server: Server, tmp_path: Path) -> None:
+    settings = settings_for(server, tmp_path, include_subject=True)
+    shipper = EventShipper(settings)
+    await shipper.start()
+    for i, event in enumerate(numbered(40)):
+        event.subject_id = "alice" if i % 2 else "bob"
+        shipper.offer(event)
+    await until(lambda: shipper.stats.sent == 40)
+
+    shipper._down_until = time.monotonic() + 3600  # cluster "down": the next ones spool
+    for i, event in enumerate(numbered(10, start=40)):
+        event.subject_id = "alice" if i % 2 else "bob"
+        shipper.offer(event)
+    await until(lambda: shipper.stats.spooled == 10)
+    # another live worker's spool, with alice in it too
+    other = EventShipper(settings)
+    await other.start()
+    other._down_until = time.monotonic() + 3600
+    for event in numbered(4, start=50, subject_id="alice"):
+        other.offer(event)
+    await until(lambda: other.stats.spooled == 4)
+
+    receipt = await shipper.erase_subject("alice")
+    assert receipt["cluster"]["deleted"] == 20
+    assert receipt["spool"] == {"deleted": 5 + 4, "spools": 2}
+    assert server.docs(term={"user.id": "alice"}) == []
+    for directory in (shipper._spool.directory, other._spool.directory):
+        raw = b"".join(p.read_bytes() for p in directory.glob("*.seg"))
+        assert b"alice" not in raw and raw.count(b"bob") == (
+            5 if directory == shipper._spool.directory else 0
+        )
+
+    shipper._down_until = other._down_until = 0.0  # back: bob's spooled events arrive
+    await until(lambda: shipper.stats.sent == 45)
+    await shipper.stop()
+    await other.stop()
+    users = [d["user"]["id"] for d in server.docs()]
+    assert users.count("bob") == 25 and "alice" not in users
+
+
+def test_cli_setup(server: Server) -> None:
+    runner = CliRunner()
+    bastion = typer.Typer()
+    bastion.add_typer(events_app, name="events")  # as the gateway's CLI mounts it
+    result = runner.invoke(
+        bastion, ["events", "setup", "--url", server.url, "--retention-days", "9"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "cluster: opensearch 3." in result.output
+    assert "index template: installed" in result.output
+    assert "lifecycle policy: unavailable" in result.output
+    again = runner.invoke(bastion, ["events", "setup", "--url", server.url])
+    assert "index template: present" in again.output
+    server.kill()
+    down = runner.invoke(bastion, ["events", "setup", "--url", server.url])
+    assert down.exit_code == 1 and "ConnectError" in down.output
