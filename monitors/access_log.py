@@ -32,6 +32,10 @@ def _timestamp(time_us: int) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
+def _seconds(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)  # microseconds, without float noise
+
+
 def _compact(fields: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
@@ -79,10 +83,10 @@ def access_document(event: RequestEvent, personal_data: bool = False) -> dict[st
             "ratelimit": event.ratelimit,
             "cut": event.cut,
             "cached_tokens": event.cached_tokens,
-            "ttft_s": event.ttft_s,
-            "upstream_s": event.upstream_s,
-            "gateway_s": event.gateway_s,
-            "queue_wait_s": event.queue_wait_s,
+            "ttft_s": _seconds(event.ttft_s),
+            "upstream_s": _seconds(event.upstream_s),
+            "gateway_s": _seconds(event.gateway_s),
+            "queue_wait_s": _seconds(event.queue_wait_s),
             "retries": event.retries or None,
             "watermark": event.watermark,
             "watermark_z": event.watermark_z,

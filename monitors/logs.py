@@ -27,6 +27,9 @@ import orjson
 from pydantic import BaseModel, ConfigDict
 
 SERVICE_NAME = "bastion"
+ECS_VERSION = "9.0.0"
+"""The ECS version the lines follow (the gen_ai fields are ECS 9's; ecs-logging says 1.6);
+the events shipped to Elasticsearch declare the same (monitors/events/ecs.py)."""
 ACCESS_LOGGER = "bastion.access"
 
 request_id_var: ContextVar[str | None] = ContextVar("bastion_request_id", default=None)
@@ -108,7 +111,7 @@ class ECSFormatter(ecs_logging.StdlibFormatter):
                 "@timestamp": document.pop("@timestamp", None) or self._record_timestamp(record),
                 "log.level": record.levelname.lower(),
                 "message": record.getMessage(),
-                "ecs.version": ecs_logging.ECS_VERSION,
+                "ecs.version": ECS_VERSION,
                 "log": {"logger": record.name},
                 "service": {"name": SERVICE_NAME},
             }
@@ -118,6 +121,7 @@ class ECSFormatter(ecs_logging.StdlibFormatter):
 
     def format_to_ecs(self, record: logging.LogRecord) -> dict[str, Any]:
         result: dict[str, Any] = super().format_to_ecs(record)
+        result["ecs.version"] = ECS_VERSION
         result.setdefault("service", {})["name"] = SERVICE_NAME
         request_id = getattr(record, "request_id", None)
         if request_id is not None:

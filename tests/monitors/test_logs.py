@@ -87,7 +87,7 @@ def test_json_lines_carry_the_request_id_of_their_own_request(captured: Captured
     assert by_message == {("start req-1", "req-1"), ("end", "req-1"),
                           ("start req-2", "req-2"), ("end", "req-2")}  # fmt: skip
     first = lines[0]
-    assert first["log.level"] == "info" and first["ecs.version"]
+    assert first["log.level"] == "info" and first["ecs.version"] == "9.0.0"
     assert first["service"] == {"name": "bastion"}
     assert first["@timestamp"].endswith("Z")  # type: ignore[union-attr]
     assert "http" not in lines[4]
