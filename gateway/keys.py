@@ -12,7 +12,12 @@ allow checking a candidate key offline. Comparison is constant-time.
 
 Each gateway process keeps every key in memory (:class:`KeyCache`) and re-reads rows
 changed since its last look every ``auth.key_refresh_s``: a revocation made by any
-process (CLI, admin API) takes effect everywhere within that time.
+process (CLI, admin API) takes effect everywhere within that time. A well-formed key whose
+id the cache does not hold yet (made a moment ago by ``bastion keys create`` or another
+worker) is looked up in the store at once (:meth:`KeyCache.check_missing`): one query per
+id however many requests carry it, ids found absent remembered for
+``NEGATIVE_TTL_S``, and at most ``LOOKUPS_PER_S`` queries a second in all, so a flood of
+made-up keys cannot become database load.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import hmac
 import logging
 import os
 import re
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from hashlib import blake2b
@@ -33,6 +39,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql import func
 
 from gateway.config import ROLES
+from gateway.errors import ServiceUnavailable
 from gateway.rbac import Principal
 from gateway.store import ApiKeyRow
 
@@ -43,6 +50,13 @@ KEY_PATTERN = re.compile(r"bst_([0-9a-f]{16})_([A-Za-z0-9_\-]{43})")
 # that committed late with an earlier timestamp is still picked up.
 REFRESH_OVERLAP = timedelta(seconds=5)
 VERIFIED_CACHE_SIZE = 10_000
+UNKNOWN_KEY = "unknown API key"
+"""The reason :meth:`KeyCache.check` gives for a key it does not know (yet)."""
+LOOKUPS_PER_S = 10.0
+"""Store lookups of ids missing from the cache, per second and process (a burst as large)."""
+NEGATIVE_TTL_S = 60.0
+"""How long an id found in no row is answered "unknown" without asking the store again."""
+NEGATIVE_CACHE_SIZE = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +88,11 @@ class KeyInfo:
             "expires_at": when(self.expires_at),
             "revoked_at": when(self.revoked_at),
         }
+
+    def as_audit_json(self) -> dict[str, object]:
+        """What the audit log's clear metadata says of a key: :meth:`as_json` without the
+        subject it acts for, which is personal data (one rule for the CLI and the API)."""
+        return {k: v for k, v in self.as_json().items() if k != "subject"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +215,12 @@ class KeyStore:
             row = session.get(ApiKeyRow, key_id)
             return _info(row) if row is not None else None
 
+    def get(self, key_id: str) -> CachedKey | None:
+        """One key by its id, revoked or not; None when there is no such row."""
+        with Session(self._engine) as session:
+            row = session.get(ApiKeyRow, key_id)
+            return CachedKey.of(_info(row), row.secret_hash) if row is not None else None
+
     def changed_since(self, since: datetime | None) -> tuple[list[CachedKey], datetime | None]:
         """Keys changed at or after ``since`` (all when None), and the newest change seen."""
         query = select(ApiKeyRow)
@@ -215,7 +240,16 @@ class KeyStore:
 class KeyCache:
     """Every key in memory, refreshed from the store in the background."""
 
-    def __init__(self, store: KeyStore, hasher: KeyHasher, refresh_s: float) -> None:
+    def __init__(
+        self,
+        store: KeyStore,
+        hasher: KeyHasher,
+        refresh_s: float,
+        *,
+        lookups_per_s: float = LOOKUPS_PER_S,
+        negative_ttl_s: float = NEGATIVE_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._store = store
         self._hasher = hasher
         self._refresh_s = refresh_s
@@ -223,6 +257,17 @@ class KeyCache:
         self._verified: dict[bytes, CachedKey] = {}
         self._newest: datetime | None = None
         self._task: asyncio.Task[None] | None = None
+        # Lookups of ids missing from the cache: in flight (one per id), found absent
+        # (id -> until when), and a token bucket of lookups.
+        self._lookups: dict[str, asyncio.Future[CachedKey | None]] = {}
+        self._absent: dict[str, float] = {}
+        self._lookup_rate = lookups_per_s
+        self._lookup_tokens = lookups_per_s
+        self._lookup_at = clock()
+        self._negative_ttl_s = negative_ttl_s
+        self._clock = clock
+        self.lookups = 0
+        """Store lookups made for missing ids (tests, curiosity)."""
 
     def load(self) -> None:
         keys, self._newest = self._store.changed_since(None)
@@ -270,7 +315,7 @@ class KeyCache:
             key_id, secret = parsed
             cached = self._keys.get(key_id)
             if cached is None or not self._hasher.matches(key_id, secret, cached.secret_hash):
-                return "unknown API key"
+                return UNKNOWN_KEY
             if len(self._verified) >= VERIFIED_CACHE_SIZE:
                 self._verified.clear()
             self._verified[fingerprint] = cached
@@ -280,8 +325,65 @@ class KeyCache:
             return "expired API key"
         return cached.principal
 
+    # ASCII digits only: ``\d`` would take "٣" (Arabic-Indic three) and the like.
+    async def check_missing(self, presented: str, now: float) -> Principal | str:
+        """:meth:`check` for a key it called unknown: if the key's id is not in the cache,
+        look it up in the store (single flight per id, absent ids remembered, lookups
+        capped per second), then check again."""
+        parsed = parse_key(presented)
+        if parsed is None or parsed[0] in self._keys:
+            return self.check(presented, now)  # malformed, or a wrong secret
+        found = await self._lookup(parsed[0])
+        if found is None:
+            return UNKNOWN_KEY
+        return self.check(presented, now)
 
-# ASCII digits only: ``\d`` would take "٣" (Arabic-Indic three) and the like.
+    async def _lookup(self, key_id: str) -> CachedKey | None:
+        pending = self._lookups.get(key_id)
+        if pending is not None:  # someone is asking already: their answer
+            return await asyncio.shield(pending)
+        now = self._clock()
+        until = self._absent.get(key_id)
+        if until is not None:
+            if until > now:
+                return None
+            del self._absent[key_id]
+        if not self._take_lookup(now):
+            return None  # over the cap: unknown for now, the periodic refresh catches up
+        future: asyncio.Future[CachedKey | None] = asyncio.get_running_loop().create_future()
+        self._lookups[key_id] = future
+        try:
+            self.lookups += 1
+            found = await asyncio.to_thread(self._store.get, key_id)
+        except Exception as exc:
+            log.warning("looking up an API key failed (%s)", type(exc).__name__)
+            error = ServiceUnavailable("The key store cannot be reached; try again.")
+            future.set_exception(error)
+            future.exception()  # retrieved here: the waiters raise it too
+            raise error from exc
+        else:
+            if found is None:
+                if len(self._absent) >= NEGATIVE_CACHE_SIZE:
+                    self._absent.clear()
+                self._absent[key_id] = self._clock() + self._negative_ttl_s
+            elif key_id not in self._keys:  # a refresh may have brought it meanwhile
+                self._keys[key_id] = found
+            future.set_result(found)
+            return found
+        finally:
+            del self._lookups[key_id]
+
+    def _take_lookup(self, now: float) -> bool:
+        """A token bucket: ``lookups_per_s`` a second, as many at once."""
+        rate = self._lookup_rate
+        self._lookup_tokens = min(rate, self._lookup_tokens + (now - self._lookup_at) * rate)
+        self._lookup_at = now
+        if self._lookup_tokens < 1:
+            return False
+        self._lookup_tokens -= 1
+        return True
+
+
 _DURATION = re.compile(r"([0-9]+)(s|m|h|d|w)")
 MAX_DURATION = timedelta(days=100 * 366)
 """The longest duration accepted: anything longer would overflow a date (year 9999)."""

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from gateway.asgi import ASGIApp, Receive, Scope, Send
 from gateway.config import ROLES, CertificatePrincipal
 from gateway.errors import Forbidden, Unauthorized
-from gateway.keys import KeyCache
+from gateway.keys import UNKNOWN_KEY, KeyCache
 from gateway.rbac import Principal
 from gateway.schemas import check_path_params
 
@@ -52,6 +52,14 @@ def _bearer(scope: Scope) -> bytes | None:
     return None
 
 
+class _NotCached(Exception):
+    """A well-formed key the cache does not hold: the store decides (asynchronously)."""
+
+    def __init__(self, presented: str, now: float) -> None:
+        self.presented = presented
+        self.now = now
+
+
 class AuthenticationMiddleware:
     def __init__(
         self,
@@ -75,7 +83,10 @@ class AuthenticationMiddleware:
                 presented = credential.strip().decode("ascii")
             except UnicodeDecodeError:
                 raise Unauthorized("Malformed API key.") from None
-            checked = self._keys.check(presented, time.time())
+            now = time.time()
+            checked = self._keys.check(presented, now)
+            if checked is UNKNOWN_KEY:  # perhaps made a moment ago: the store is asked
+                raise _NotCached(presented, now)
             if isinstance(checked, str):
                 raise Unauthorized(f"Incorrect API key: {checked}.")
             return checked
@@ -88,7 +99,15 @@ class AuthenticationMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            scope.setdefault("state", {})["principal"] = self._principal(scope)
+            try:
+                principal = self._principal(scope)
+            except _NotCached as missing:
+                assert self._keys is not None
+                checked = await self._keys.check_missing(missing.presented, missing.now)
+                if isinstance(checked, str):
+                    raise Unauthorized(f"Incorrect API key: {checked}.") from None
+                principal = checked
+            scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)
 
 

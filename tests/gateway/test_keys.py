@@ -153,3 +153,85 @@ def test_verified_keys_are_remembered_without_weakening_checks(store: KeyStore) 
     store.revoke(info.id)
     cache.load()  # a refreshed entry is a new object: verified anew, and refused
     assert cache.check(key, time.time()) == "revoked API key"
+
+
+# --- keys missing from the cache (issue 14, item 15) --------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def api_key_queries(engine: Engine) -> list[str]:
+    """Every statement the engine runs against ``api_keys`` from now on."""
+    from sqlalchemy import event
+
+    seen: list[str] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _count(_conn, _cursor, statement, *_args) -> None:  # type: ignore[no-untyped-def]
+        if "api_keys" in statement:
+            seen.append(statement)
+
+    return seen
+
+
+def random_key() -> str:
+    import os as _os
+
+    return f"bst_{_os.urandom(8).hex()}_" + "A" * 43
+
+
+async def test_a_key_made_after_the_cache_loaded_works_at_once(
+    store: KeyStore, engine: Engine
+) -> None:
+    cache = KeyCache(store, KeyHasher(PEPPER), refresh_s=3600)
+    cache.load()
+    key, _ = store.create(["app"])
+    assert cache.check(key, time.time()) == "unknown API key"  # the cache alone
+    queries = api_key_queries(engine)
+    # Fifty requests at once with the new key: one store query between them.
+    checked = await asyncio.gather(*(cache.check_missing(key, time.time()) for _ in range(50)))
+    assert all(isinstance(p, Principal) and p.roles == {"app"} for p in checked)
+    assert len(queries) == 1 and cache.lookups == 1
+    assert isinstance(cache.check(key, time.time()), Principal)  # cached from now on
+    # A wrong secret for a known id is not looked up again.
+    wrong = key[:-1] + ("B" if key[-1] != "B" else "C")
+    assert await cache.check_missing(wrong, time.time()) == "unknown API key"
+    assert len(queries) == 1
+    # A revoked key found in the store is refused as revoked.
+    other, info = store.create(["app"])
+    store.revoke(info.id)
+    assert await cache.check_missing(other, time.time()) == "revoked API key"
+
+
+async def test_a_flood_of_made_up_keys_adds_at_most_the_capped_queries(
+    store: KeyStore, engine: Engine
+) -> None:
+    clock = Clock()
+    cache = KeyCache(
+        store, KeyHasher(PEPPER), refresh_s=3600, lookups_per_s=10, negative_ttl_s=60, clock=clock
+    )
+    cache.load()
+    queries = api_key_queries(engine)
+    flood = [random_key() for _ in range(500)]
+    answers = await asyncio.gather(*(cache.check_missing(k, 0) for k in flood))
+    assert set(answers) == {"unknown API key"}
+    assert len(queries) == 10  # the burst
+    # The same ids again: remembered as absent, or still over the cap: no query.
+    await asyncio.gather(*(cache.check_missing(k, 0) for k in flood))
+    assert len(queries) == 10
+    clock.now += 1.0  # a second later: ten more at most
+    await asyncio.gather(*(cache.check_missing(random_key(), 0) for _ in range(100)))
+    assert len(queries) == 20
+    # The first ten ids were found absent: not asked again within the negative TTL...
+    clock.now += 30
+    await asyncio.gather(*(cache.check_missing(k, 0) for k in flood[:10]))
+    assert len(queries) == 20
+    # ...and a real key is still found, once the cap allows.
+    key, _ = store.create(["app"])
+    assert isinstance(await cache.check_missing(key, 0), Principal)
