@@ -36,6 +36,7 @@ from typing import Any
 import httpx
 import orjson
 
+from monitors import metrics
 from monitors.events.cluster import Cluster, ClusterRejected, ClusterUnavailable
 from monitors.events.ecs import document_id, to_document
 from monitors.events.settings import ClusterAuth, EventSettings, cluster_auth
@@ -51,17 +52,23 @@ _PAUSE_MAX_S = 30.0
 _SETUP_EVERY_S = 300.0
 _ORPHAN_SCAN_EVERY_S = 10.0
 
-# Bounded label values for bastion_events_failed_total{reason}.
-_REASONS = {
-    "mapper_parsing_exception": "mapping",
-    "strict_dynamic_mapping_exception": "mapping",
-    "document_parsing_exception": "mapping",
-    "illegal_argument_exception": "mapping",
-    "index_not_found_exception": "index",
-    "cluster_block_exception": "index",
-    "index_closed_exception": "index",
-    "invalid_index_name_exception": "index",
-}
+# bastion_events_failed_total{reason}: the bulk item's error type when it is one of
+# these, "other" otherwise (label values stay bounded), "request_rejected" when the
+# cluster refused the whole request.
+_KNOWN_ERRORS = frozenset(
+    {
+        "mapper_parsing_exception",
+        "strict_dynamic_mapping_exception",
+        "document_parsing_exception",
+        "illegal_argument_exception",
+        "index_not_found_exception",
+        "cluster_block_exception",
+        "index_closed_exception",
+        "invalid_index_name_exception",
+        "security_exception",
+        "action_request_validation_exception",
+    }
+)
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 
 
@@ -104,7 +111,9 @@ class ShipperStats:
     overflowed: int = 0
     """Offered while the memory queue was full: written straight to the spool."""
     dropped: int = 0
-    """Lost: the spool was full (oldest dropped) or could not be written."""
+    """Lost because the spool was full: its oldest segment was dropped."""
+    lost: int = 0
+    """Lost because neither the queue nor the spool could take them (disk error)."""
 
 
 class EventShipper:
@@ -151,17 +160,26 @@ class EventShipper:
 
     def _overflow(self, event: RequestEvent) -> None:
         if self._spool is None:
-            self.stats.dropped += 1
+            self._lose(1)
             return
         try:
-            lost = self._spool.append([self._render(event).record()], sync=False)
+            dropped = self._spool.append([self._render(event).record()], sync=False)
         except OSError as exc:
-            self.stats.dropped += 1
+            self._lose(1)
             self._log_once("spool", "event spool not writable: %s", exc.strerror)
             return
         self._unsynced = True
         self.stats.overflowed += 1
-        self.stats.dropped += lost
+        self._dropped(dropped)
+
+    def _lose(self, count: int) -> None:
+        self.stats.lost += count
+        metrics.EVENT_SINK_DROPPED.labels(self.name).inc(count)
+
+    def _dropped(self, count: int) -> None:
+        if count:
+            self.stats.dropped += count
+            metrics.EVENTS_DROPPED.inc(count)
 
     # life cycle --------------------------------------------------------------------------
 
@@ -227,9 +245,11 @@ class EventShipper:
                 else:
                     await self._to_spool(items)
             if self._stopping:
+                self._publish_gauges()
                 return True
             if self._cluster_up():
                 await self._replay_one()
+        self._publish_gauges()
         return False
 
     async def _collect(self, wait_s: float) -> list[RequestEvent]:
@@ -296,6 +316,7 @@ class EventShipper:
         for attempt in range(_ATTEMPTS):
             if attempt:
                 self.stats.retried += len(pending)
+                metrics.EVENTS_RETRIED.inc(len(pending))
                 await asyncio.sleep(_RETRY_BASE_S * 2 ** (attempt - 1))
             try:
                 await self._ensure_setup()
@@ -308,13 +329,15 @@ class EventShipper:
                     return pending
                 continue
             except ClusterRejected as exc:
-                self._fail("rejected", len(pending), f"request refused: {exc}")
+                self._fail("request_rejected", len(pending), f"request refused: {exc}")
                 return []
             self._mark_up()
             self.stats.sent += outcome.indexed
             self.stats.duplicates += outcome.duplicates
+            metrics.EVENTS_SENT.inc(outcome.indexed + outcome.duplicates)
             for _, kind, reason in outcome.failed:
-                self._fail(_REASONS.get(kind, "other"), 1, f"{kind}: {_redact(reason)}")
+                label = kind if kind in _KNOWN_ERRORS else "other"
+                self._fail(label, 1, f"{kind}: {_redact(reason)}")
             pending = [pending[p] for p in outcome.retry]
             if not pending:
                 return []
@@ -323,6 +346,7 @@ class EventShipper:
 
     def _fail(self, reason: str, count: int, message: str) -> None:
         self.stats.failed[reason] = self.stats.failed.get(reason, 0) + count
+        metrics.EVENTS_FAILED.labels(reason).inc(count)
         kind = message.split(":")[0]
         self._log_once(f"fail:{kind}", "event documents refused for good (%s): %s", reason, message)
 
@@ -344,13 +368,13 @@ class EventShipper:
             return
         assert self._spool is not None
         try:
-            lost = await asyncio.to_thread(self._spool.append, [i.record() for i in items])
+            dropped = await asyncio.to_thread(self._spool.append, [i.record() for i in items])
         except OSError as exc:
-            self.stats.dropped += len(items)
+            self._lose(len(items))
             self._log_once("spool", "event spool not writable: %s", exc.strerror)
             return
         self.stats.spooled += len(items)
-        self.stats.dropped += lost
+        self._dropped(dropped)
 
     async def _replay_one(self) -> None:
         """Send one batch from the head of the oldest non-empty spool, if any."""
@@ -396,6 +420,12 @@ class EventShipper:
                 self._adopted.append(spool)
             else:
                 spool.close()
+
+    def _publish_gauges(self) -> None:
+        events, size, age = self.spool_gauges()
+        metrics.EVENTS_SPOOL_EVENTS.set(events)
+        metrics.EVENTS_SPOOL_BYTES.set(size)
+        metrics.EVENTS_SPOOL_OLDEST_AGE.set(age)
 
     def spool_gauges(self) -> tuple[int, int, float]:
         """(events, bytes, age of the oldest event in seconds) over this process's spools."""

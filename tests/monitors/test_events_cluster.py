@@ -25,6 +25,7 @@ import orjson
 import pytest
 import typer
 from osmem_server import OsmemServer
+from prometheus_client import REGISTRY
 from typer.testing import CliRunner
 
 from monitors.events.cli import events_app
@@ -94,6 +95,10 @@ def numbered(n: int, start: int = 0, **changes: Any) -> list[RequestEvent]:
         )
         for i in range(start, start + n)
     ]
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 async def until(check: Callable[[], bool], within: float = 20.0) -> None:
@@ -184,13 +189,16 @@ async def test_per_item_errors_are_final_counted_and_logged_once(
     }
     assert server.http.put(f"/{index}", json=conflicting).status_code == 200
     shipper = EventShipper(settings)
+    failed_before = sample("bastion_events_failed_total", reason="mapper_parsing_exception")
     await shipper.start()
     with caplog.at_level(logging.WARNING, logger="bastion.events"):
         for event in events:
             shipper.offer(event)
-        await until(lambda: shipper.stats.failed.get("mapping") == 20)
+        await until(lambda: shipper.stats.failed.get("mapper_parsing_exception") == 20)
         await shipper.stop()
     assert shipper.stats.sent == 0 and shipper.stats.spooled == 0 and shipper.stats.retried == 0
+    failed = sample("bastion_events_failed_total", reason="mapper_parsing_exception")
+    assert failed - failed_before == 20
     refusals = [r for r in caplog.records if "refused for good" in r.getMessage()]
     assert len(refusals) == 1 and "mapper_parsing_exception" in refusals[0].getMessage()
     assert "key-abc" not in caplog.text, "field values stay out of the log"
@@ -200,6 +208,7 @@ async def test_killed_server_gets_every_spooled_event_once_and_in_order(
     server: Server, tmp_path: Path
 ) -> None:
     shipper = EventShipper(settings_for(server, tmp_path))
+    sent_before = sample("bastion_events_sent_total")
     await shipper.start()
     for event in numbered(30):
         shipper.offer(event)
@@ -212,6 +221,9 @@ async def test_killed_server_gets_every_spooled_event_once_and_in_order(
             await asyncio.sleep(0.005)  # spread over several batches
     await until(lambda: shipper.stats.spooled == 400)
     assert shipper.spool_gauges()[0] == 400
+    await until(lambda: sample("bastion_events_spool_events") == 400)
+    assert sample("bastion_events_spool_bytes") > 400 * 300
+    assert sample("bastion_events_spool_oldest_age_seconds") > 0
 
     server.restart()  # empty: in-memory, no template either
     await until(lambda: shipper.stats.sent == 430, within=40)
@@ -223,6 +235,8 @@ async def test_killed_server_gets_every_spooled_event_once_and_in_order(
     assert server.get("/_index_template/logs-bastion.gateway")["index_templates"], "reinstalled"
     assert shipper.stats.duplicates == 0 and shipper.stats.dropped == 0
     assert shipper.spool_gauges() == (0, 0, 0.0)
+    assert sample("bastion_events_sent_total") - sent_before == 430
+    assert sample("bastion_events_spool_events") == 0
 
 
 async def test_full_queue_overflows_into_the_spool(server: Server, tmp_path: Path) -> None:
