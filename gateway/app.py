@@ -10,7 +10,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router, request_response
@@ -59,6 +58,9 @@ from gateway.watermark_check import (
     WatermarkFilterSource,
     load_watermark_keys,
 )
+from monitors.metrics import EVENT_SINK_DROPPED
+from monitors.metrics_sink import MetricsSink
+from monitors.multiprocess import mark_worker_dead, multiprocess_enabled, render_metrics
 
 Handler = Callable[[Request], Awaitable[Response]]
 log = logging.getLogger("bastion.app")
@@ -118,7 +120,7 @@ class BastionApp:
         self.checks = self._request_checks()
         self.answer_filters = self._answer_filters()
         durable: list[DurableSink] = [self.audit] if self.audit is not None else []
-        self.sinks = CallSinks(durable)
+        self.sinks = CallSinks(durable, on_sink_error=self._sink_failed)
         # No redirect from a path with a trailing slash: Starlette would build it from the
         # Host header, an open redirect for anyone who can set that header.
         self.router = Router(routes=self._routes(), lifespan=self._lifespan, redirect_slashes=False)
@@ -127,12 +129,18 @@ class BastionApp:
             self.key_cache if settings.auth.enabled else None,
             certificate_principals(settings.auth.client_certificates),
         )
-        routes = {
-            route.endpoint: route.path for route in self.router.routes if isinstance(route, Route)
-        }
+        routes = {r.endpoint: r.path for r in self.router.routes if isinstance(r, Route)}
+        self.metrics = MetricsSink(
+            self.pool.models(), set(routes.values()), [u.name for u in self.pool.upstreams]
+        )
+        self.sinks.add(self.metrics)
         observed = ObserverMiddleware(ErrorMiddleware(authentication), self.sinks, routes)
         # (HSTS on TLS answers: a default header of the listener, gateway.tls.)
         self._stack: ASGIApp = RequestIdMiddleware(observed)
+
+    @staticmethod
+    def _sink_failed(name: str) -> None:
+        EVENT_SINK_DROPPED.labels(name).inc()
 
     def _request_checks(self) -> list[RequestCheck]:
         """What every model call passes before it is forwarded, in order."""
@@ -190,7 +198,7 @@ class BastionApp:
             route("/v1/watermark/detect", watermark.detect, "POST", "watermark:detect"),
             route("/healthz", self.healthz, "GET", "public"),
             route("/readyz", self.readyz, "GET", "public"),
-            route("/metrics", self.metrics, "GET", "metrics:read"),
+            route("/metrics", self.metrics_page, "GET", "metrics:read"),
             route("/admin/upstreams", self.list_upstreams, "GET", "upstreams:read"),
             route("/admin/keys", keys.create, "POST", "keys:manage"),
             route("/admin/keys", keys.list, "GET", "keys:manage"),
@@ -272,6 +280,9 @@ class BastionApp:
             if self.audit is not None:
                 await self.audit.stop()  # what is queued, then a final signed checkpoint
             self.engine.dispose()
+            self.metrics.flush()
+            if multiprocess_enabled():
+                mark_worker_dead()  # this worker's live gauges leave the sum
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope["app"] = self
@@ -298,9 +309,11 @@ class BastionApp:
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    async def metrics(self, request: Request) -> Response:
-        """Prometheus text format (this process's registry; scrape with a metrics:read key)."""
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    async def metrics_page(self, request: Request) -> Response:
+        """Prometheus text format, every worker's counts summed (a metrics:read key)."""
+        self.metrics.flush()  # this worker's pending observations are in this scrape
+        body, content_type = render_metrics(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
 
     async def list_upstreams(self, request: Request) -> Response:
         return JSONResponse({"upstreams": [u.describe() for u in self.pool.upstreams]})

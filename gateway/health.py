@@ -11,6 +11,7 @@ from gateway.config import HealthCheckSettings
 from gateway.errors import GatewayError
 from gateway.transport import UpstreamTransport
 from gateway.upstreams import Upstream, UpstreamPool
+from monitors.metrics_sink import UpstreamMetrics
 
 log = logging.getLogger("bastion.health")
 
@@ -29,6 +30,7 @@ class HealthChecker:
         self._pool = pool
         self._transport = transport
         self._task: asyncio.Task[None] | None = None
+        self._metrics = UpstreamMetrics()
 
     async def probe(self, upstream: Upstream) -> None:
         url = upstream.base_url + self._settings.path
@@ -59,6 +61,9 @@ class HealthChecker:
 
     async def probe_all(self) -> None:
         await asyncio.gather(*(self.probe(u) for u in self._pool.upstreams))
+        for upstream in self._pool.upstreams:  # sampled once a round: health and breaker
+            self._metrics.health(upstream.name, upstream.healthy)
+            self._metrics.breaker(upstream.name, upstream.breaker.state.value)
 
     async def _run(self) -> None:
         interval = self._settings.interval_s

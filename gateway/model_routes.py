@@ -23,6 +23,7 @@ from gateway.rbac import Principal
 from gateway.request_checks import NO_USAGE
 from gateway.schemas import _Body, parse_body
 from gateway.usage import Usage
+from monitors.metrics_sink import InFlight
 from monitors.request_event import RequestEvent
 
 
@@ -72,6 +73,7 @@ class ModelEndpoint:
         """Answer filter sources, in order (empty for routes that answer no text)."""
         self._forwarder = forwarder
         self._sinks = sinks
+        self._in_flight = InFlight()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw = await read_body(scope, receive, self._max_body_bytes)
@@ -93,6 +95,13 @@ class ModelEndpoint:
             started=scope["state"].get("started") or time.perf_counter(),
         )
         scope["state"]["call"] = call  # recorded here: the observer leaves it alone
+        self._in_flight.enter(self._path)
+        try:
+            await self._run(call, send, receive)
+        finally:
+            self._in_flight.leave(self._path)
+
+    async def _run(self, call: CallContext, send: Send, receive: Receive) -> None:
         try:
             for check in self.checks:
                 await check.check(call)

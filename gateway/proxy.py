@@ -25,6 +25,7 @@ from gateway.errors import (
     GatewayError,
     NoHealthyUpstream,
     UpstreamFailed,
+    UpstreamTimeout,
     sse_error_event,
 )
 from gateway.pipeline import CallContext, CallSinks, run_filters
@@ -32,6 +33,7 @@ from gateway.sse import SSEFramer
 from gateway.transport import UpstreamResponse, UpstreamTransport
 from gateway.upstreams import Upstream, UpstreamPool
 from gateway.usage import Usage, usage_of_body, usage_of_event
+from monitors.metrics_sink import UpstreamMetrics
 
 log = logging.getLogger("bastion.proxy")
 
@@ -62,12 +64,17 @@ class Outcome:
 class Attempts:
     """The upstreams tried for one request and the last failure seen."""
 
+    metrics: UpstreamMetrics
     tried: set[Upstream] = field(default_factory=set)
     failure: GatewayError | None = None
 
-    def failed(self, upstream: Upstream, failure: GatewayError) -> None:
+    def failed(self, upstream: Upstream, failure: GatewayError, kind: str = "") -> None:
+        """``kind``: ``bastion_upstream_errors_total``'s (by default: timeout or connect)."""
         upstream.breaker.record_failure()
         self.failure = failure
+        if not kind:
+            kind = "timeout" if isinstance(failure, UpstreamTimeout) else "connect"
+        self.metrics.error(upstream.name, kind)
         log.warning("upstream %s failed: %s", upstream.name, failure.message)
 
 
@@ -84,6 +91,7 @@ class Forwarder:
         self._pool = pool
         self._transport = transport
         self._sinks = sinks
+        self._metrics = UpstreamMetrics()
         self._max_attempts = settings.retry.max_attempts
         self._expose_upstream = settings.server.expose_upstream_header
 
@@ -101,6 +109,7 @@ class Forwarder:
                 break
             if attempts.tried:
                 call.event.retries += 1
+                self._metrics.retry(call.event.upstream or upstream.name)
             attempts.tried.add(upstream)
             call.event.upstream = upstream.name
             headers = {
@@ -122,7 +131,8 @@ class Forwarder:
             if response.status >= 500:
                 await response.close()
                 status = response.status
-                attempts.failed(upstream, UpstreamFailed(f"The upstream answered {status}."))
+                failure = UpstreamFailed(f"The upstream answered {status}.")
+                attempts.failed(upstream, failure, "status")
                 continue
             return upstream, response
         if attempts.failure is None:
@@ -154,7 +164,7 @@ class Forwarder:
         self, call: CallContext, body: bytes, send: Send, outcome: Outcome
     ) -> None:
         # Reading the body may still fail; nothing reached the client, so try again.
-        attempts = Attempts()
+        attempts = Attempts(self._metrics)
         while True:
             upstream, response = await self.open(call, body, attempts)
             try:
@@ -194,7 +204,7 @@ class Forwarder:
     async def _respond_stream(
         self, call: CallContext, body: bytes, send: Send, outcome: Outcome
     ) -> None:
-        upstream, response = await self.open(call, body, Attempts())
+        upstream, response = await self.open(call, body, Attempts(self._metrics))
         outcome.status, outcome.upstream = response.status, upstream.name
         if response.status != 200 or "text/event-stream" not in response.content_type:
             # An upstream refusal of a stream request (400, 404...) comes as plain JSON.
@@ -265,8 +275,10 @@ class Forwarder:
                 log.info("an answer filter ended stream %s: %s", call.event.request_id, exc.code)
             else:
                 upstream.breaker.record_failure()
+                self._metrics.error(upstream.name, "mid_stream")
                 log.warning("upstream %s failed mid-stream: %s", upstream.name, exc.message)
             outcome.status = exc.status
+            call.event.error_type = exc.code
             await send({"type": "http.response.body", "body": sse_error_event(exc)})
         finally:
             await response.close()
