@@ -44,6 +44,10 @@ class ClusterUnavailable(Exception):
     """The cluster could not take the request now; try again later."""
 
 
+class ClusterForbidden(ClusterUnavailable):
+    """401/403: the credentials lack a privilege (retry once an operator fixed them)."""
+
+
 class ClusterRejected(Exception):
     """The cluster refused the request itself (not one document): do not resend it."""
 
@@ -162,7 +166,9 @@ class Cluster:
         status = response.status_code
         if status in ok or status in (400, 404):
             return status, data
-        if status in (401, 403, 408, 429) or status >= 500:
+        if status in (401, 403):
+            raise ClusterForbidden(f"{method} {path}: {status} {_error_type(data)}")
+        if status in (408, 429) or status >= 500:
             raise ClusterUnavailable(f"{method} {path}: {status} {_error_type(data)}")
         raise ClusterRejected(f"{method} {path}: {status} {_error_type(data)}")
 

@@ -37,7 +37,12 @@ import httpx
 import orjson
 
 from monitors import metrics
-from monitors.events.cluster import Cluster, ClusterRejected, ClusterUnavailable
+from monitors.events.cluster import (
+    Cluster,
+    ClusterForbidden,
+    ClusterRejected,
+    ClusterUnavailable,
+)
 from monitors.events.ecs import document_id, to_document
 from monitors.events.settings import ClusterAuth, EventSettings, cluster_auth
 from monitors.events.spool import Spool, SpoolBatch
@@ -301,7 +306,19 @@ class EventShipper:
         now = time.monotonic()
         if self._setup_at is not None and now - self._setup_at < _SETUP_EVERY_S:
             return
-        report = await self._cluster.ensure_setup()
+        try:
+            report = await self._cluster.ensure_setup()
+        except ClusterForbidden as exc:
+            # A least-privilege writer may index without being allowed to read templates
+            # or policies: ship anyway, and say once who should run the setup.
+            self._setup_at = now
+            self._log_once(
+                "setup-forbidden",
+                "cannot check the event index template (%s): run `bastion events setup` "
+                "with a credential that may manage templates and lifecycle policies",
+                exc,
+            )
+            return
         self._setup_at = now
         if report.template != "present" or report.lifecycle not in ("present", "unavailable"):
             log.info("event index setup: %s", "; ".join(report.lines()))

@@ -360,3 +360,41 @@ def test_cli_setup(server: Server) -> None:
     server.kill()
     down = runner.invoke(bastion, ["events", "setup", "--url", server.url])
     assert down.exit_code == 1 and "ConnectError" in down.output
+
+
+class WriterOnly(httpx.AsyncBaseTransport):
+    """In front of the real server: 403 for everything but ``_bulk``, as a cluster answers
+    a least-privilege writer's API key (no monitor, template or lifecycle privileges)."""
+
+    def __init__(self) -> None:
+        self.real = httpx.AsyncHTTPTransport()
+        self.forbidden = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path != "/_bulk":
+            self.forbidden += 1
+            return httpx.Response(403, json={"error": {"type": "security_exception"}})
+        return await self.real.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.real.aclose()
+
+
+async def test_a_writer_without_setup_privileges_still_ships(
+    server: Server, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = settings_for(server, tmp_path)
+    async with Cluster(settings, ClusterAuth()) as admin:
+        await admin.ensure_setup()  # what `bastion events setup` did with an admin key
+    writer = WriterOnly()
+    shipper = EventShipper(settings, transport=writer)
+    await shipper.start()
+    assert shipper._cluster is not None
+    shipper._cluster.data_stream = False  # osmem: daily indices (the writer cannot ask)
+    with caplog.at_level(logging.WARNING, logger="bastion.events"):
+        for event in numbered(20):
+            shipper.offer(event)
+        await until(lambda: shipper.stats.sent == 20)
+    await shipper.stop()
+    assert writer.forbidden >= 1 and shipper.stats.spooled == 0
+    assert "bastion events setup" in caplog.text
