@@ -7,8 +7,9 @@ is first imported, from ``PROMETHEUS_MULTIPROC_DIR``), feeds the same events to 
 ``MetricsSink`` and prints the best of ``--repeat`` runs in microseconds per event, for
 three kinds of event: a streamed model call with tokens, a watermark verdict, a
 repetition rate and two guard verdicts (the most observations: 20 writes); a plain model
-call; a 401 refusal. "/1": every event flushed alone (a quiet gateway); "/100": a
-hundred events per flush (about 1,000 requests/s per worker at the 0.1 s interval). The
+call; a 401 refusal. "/direct": every observation written as it is made (no batch, for
+comparison); "/1": every event flushed alone (a quiet gateway); "/100": a hundred events
+per flush (about 1,000 requests/s per worker at the 0.1 s interval). The
 in-flight gauge's enter/leave pair is timed apart.
 """
 
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 ROUTE = "/v1/chat/completions"
 
@@ -50,6 +52,19 @@ def _events() -> dict[str, object]:
     return {"full": full, "plain": plain, "refusal": refusal}
 
 
+class _Direct:
+    """What the sink did before MetricBatch: every observation written at once."""
+
+    def inc(self, counter: Any, amount: float = 1.0) -> None:
+        counter.inc(amount)
+
+    def observe(self, histogram: Any, value: float) -> None:
+        histogram.observe(value)
+
+    def flush(self) -> None:
+        pass
+
+
 def _child(n: int, repeat: int) -> None:
     asyncio.run(_measure(n, repeat))
 
@@ -60,19 +75,22 @@ async def _measure(n: int, repeat: int) -> None:
     # flushed alone), 100 about 1,000 requests/s per worker with the 0.1 s interval.
     from monitors.metrics_sink import InFlight, MetricsSink
 
-    sink = MetricsSink(models=["dev-model"], routes=[ROUTE], upstreams=["u1"])
     result: dict[str, float] = {}
     for name, event in _events().items():
-        for per_flush in (1, 100):
+        for per_flush in ("direct", 1, 100):
+            sink = MetricsSink(models=["dev-model"], routes=[ROUTE], upstreams=["u1"])
+            if per_flush == "direct":
+                sink._batch = _Direct()  # type: ignore[assignment]
+            each = 1 if per_flush == "direct" else int(per_flush)
             best = float("inf")
             for _ in range(repeat):
                 start = time.perf_counter()
-                for _ in range(n // per_flush):
-                    for _ in range(per_flush):
+                for _ in range(n // each):
+                    for _ in range(each):
                         sink.offer(event)  # type: ignore[arg-type]
                     sink.flush()
                 best = min(best, time.perf_counter() - start)
-            result[f"{name} /{per_flush}"] = best / (n // per_flush * per_flush) * 1e6
+            result[f"{name} /{per_flush}"] = best / (n // each * each) * 1e6
     flight = InFlight()
     best = float("inf")
     for _ in range(repeat):
