@@ -245,3 +245,38 @@ def test_sweep_leaves_live_workers_alone(metrics_dir: Path) -> None:
         assert scrape(metrics_dir)[IN_FLIGHT] == 1
     finally:
         w.exit()
+
+
+def test_a_real_prometheus_scrapes_the_listener_and_sees_the_sum(
+    metrics_dir: Path, tmp_path: Path
+) -> None:
+    # Prometheus asks for OpenMetrics first: the listener's answer must parse there too.
+    from tests.dashboards.prometheus_server import PrometheusServer
+
+    workers = [Worker(metrics_dir, count=5, in_flight=1, breaker="closed") for _ in range(2)]
+    listener = serve_metrics_listener("127.0.0.1:0", metrics_dir)
+    target = f"127.0.0.1:{listener.port}"
+    prometheus = PrometheusServer(
+        tmp_path / "prometheus",
+        [{"job_name": "bastion", "static_configs": [{"targets": [target]}]}],
+    ).start()
+    try:
+
+        def value(expr: str) -> float | None:
+            result = prometheus.query(expr).get("data", {}).get("result") or []
+            return float(result[0]["value"][1]) if result else None
+
+        wait_until(lambda: value('up{job="bastion"}') == 1, 30, what="listener scraped")
+        wait_until(
+            lambda: value(f'sum(bastion_requests_total{{route="{CHAT}"}})') == 10,
+            30,
+            what="bastion_requests_total = 10 in Prometheus",
+        )
+        assert value(f'bastion_requests_in_flight{{route="{CHAT}"}}') == 2
+        assert value("count(bastion_build_info)") == 1
+        assert value("scrape_samples_post_metric_relabeling") is not None
+    finally:
+        prometheus.stop()
+        listener.close()
+        for w in workers:
+            w.exit()
