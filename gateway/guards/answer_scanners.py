@@ -19,7 +19,8 @@ _REFUSAL = re.compile(
     r"|i (?:can(?:no|')t|cannot|won'?t|am unable to|'m unable to|must decline to|am not able to)"
     r" (?:help|assist|comply|provide|fulfil+|do that|support|answer|create|generate|share)"
     r"|i must (?:respectfully )?decline|as an ai(?: language model)?,? i (?:can(?:no|')t|cannot|"
-    r"don'?t|am not able)|i'?m not able to (?:help|assist|provide)"
+    r"don'?t|am not able)"
+    r"|i'?m (?:unable|not able) to (?:help|assist|provide|comply|share|answer|do that)"
     r"|(?:this|that|your) request (?:violates|goes against|is against)"
     r"|i (?:can(?:no|')t|won'?t) (?:engage|participate) in)"
 )

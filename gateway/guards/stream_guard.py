@@ -182,6 +182,7 @@ class StreamGuard:
             whole = BodyText((), channel.raw, "assistant")
             reports.append(await self._whole.scan([whole], context, self._vault))
         self._windows += 1
+        channel.scanned = end
         for report in reports:
             self._aggregate(report)
             if report.failed or report.blocked:
@@ -192,7 +193,6 @@ class StreamGuard:
             channel.redact(s, e, replacement)
             if s < cut < e:  # hold what is being redacted until it is whole
                 cut = max(channel.released, s) if not channel.final else end
-        channel.scanned = end
         channel.released = max(channel.released, cut)
 
     def _aggregate(self, report: ScanReport) -> None:

@@ -87,19 +87,23 @@ class Channel:
         end = len(self.raw)
         if self.final:
             return end
-        at = (
-            word_cut(self.raw, self.released)
-            if release == "word"
-            else sentence_cut(self.raw, self.released)
-        )
+        at = sentence_cut(self.raw, self.released) if release == "sentence" else end
+        if release == "word" or end - at > hold_back:
+            at = word_cut(self.raw, self.released)  # over the bound: at least whole words
         return max(at, end - hold_back, self.released)
 
     def redact(self, start: int, end: int, replacement: str) -> None:
-        for s, e, _ in self.redactions:
-            if s <= start and end <= e:
-                return
-        self.redactions.append((start, end, replacement))
-        self.redactions.sort()
+        """Replace ``raw[start:end]`` when released; overlapping ranges become one (a
+        secret seen in part at a window's end, then whole, is replaced once)."""
+        kept = []
+        for s, e, r in self.redactions:
+            if s < end and start < e:
+                start, end = min(s, start), max(e, end)
+                replacement = r if s <= start else replacement
+            else:
+                kept.append((s, e, r))
+        kept.append((start, end, replacement))
+        self.redactions = sorted(kept)
 
     def render(self, start: int, end: int) -> str:
         """``raw[start:end]`` with its redactions applied (each written where it starts)."""
