@@ -40,6 +40,7 @@ from pathlib import Path
 
 from prometheus_client import REGISTRY, CollectorRegistry, values
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
@@ -116,7 +117,7 @@ def mark_worker_dead(pid: int | None = None, directory: Path | str | None = None
     path = directory if directory is not None else os.environ.get(ENV_VAR)
     if path is None:
         return
-    mark_process_dead(os.getpid() if pid is None else pid, str(path))
+    mark_process_dead(os.getpid() if pid is None else pid, str(path))  # type: ignore[no-untyped-call]
 
 
 def _alive(pid: int) -> bool:
@@ -142,7 +143,7 @@ def sweep_dead_workers(directory: Path | str) -> list[int]:
         if match is not None and not _alive(int(match.group(1))):
             dead.add(int(match.group(1)))
     for pid in dead:
-        mark_process_dead(pid, str(directory))
+        mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
     return sorted(dead)
 
 
@@ -151,11 +152,12 @@ class _SweepingCollector(Collector):
 
     def __init__(self, directory: str) -> None:
         self._directory = directory
-        self._collector = MultiProcessCollector(None, path=directory)
+        self._collector = MultiProcessCollector(None, path=directory)  # type: ignore[no-untyped-call]
 
-    def collect(self) -> Iterable:  # type: ignore[type-arg]
+    def collect(self) -> Iterable[Metric]:
         sweep_dead_workers(self._directory)
-        return self._collector.collect()
+        metrics: Iterable[Metric] = self._collector.collect()  # type: ignore[no-untyped-call]
+        return metrics
 
 
 def exposition_registry(directory: Path | str | None = None) -> CollectorRegistry:
