@@ -212,7 +212,8 @@ class Cluster:
         existing = None
         if status == 200 and data.get("index_templates"):
             existing = data["index_templates"][0]["index_template"]
-        if existing is not None and not force and existing.get("version", 0) >= TEMPLATE_VERSION:
+        current = existing is not None and (existing.get("version") or 0) >= TEMPLATE_VERSION
+        if existing is not None and current and not force:
             self.data_stream = "data_stream" in existing
             return
         report.template = "installed" if existing is None else "updated"

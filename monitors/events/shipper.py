@@ -152,6 +152,7 @@ class EventShipper:
         self._setup_at: float | None = None  # monotonic time of the last check; None: due
         self._orphans_at = 0.0
         self._logged: set[str] = set()
+        self._in_flight: list[_Item] = []  # a live batch being sent (spooled if cancelled)
 
     # the request path ------------------------------------------------------------------
 
@@ -203,11 +204,15 @@ class EventShipper:
         if self._task is not None:
             try:
                 await asyncio.wait_for(self._task, self.settings.timeout_s * 2 + 5)
-            except TimeoutError:
+            except TimeoutError:  # wait_for cancelled the task
                 log.warning("event shipper did not finish in time; spooling the rest")
-        rest = [e for e in self._drain_queue() if e is not None]
+        # A batch cut off mid-send may have reached the cluster: spooling it again is
+        # harmless (its _ids turn a second delivery into refused duplicates).
+        queued = [self._render(e) for e in self._drain_queue() if e is not None]
+        rest = [*self._in_flight, *queued]
+        self._in_flight = []
         if rest and self._spool is not None:
-            await self._to_spool([self._render(e) for e in rest])
+            await self._to_spool(rest)
         for spool in [*self._adopted, *([self._spool] if self._spool else [])]:
             await asyncio.to_thread(spool.close)
         self._adopted.clear()
@@ -246,7 +251,10 @@ class EventShipper:
             if events:
                 items = [self._render(e) for e in events]
                 if self._spool_events() == 0 and self._cluster_up():
-                    await self._to_spool(await self._ship(items))
+                    self._in_flight = items
+                    leftover = await self._ship(items)
+                    self._in_flight = []
+                    await self._to_spool(leftover)
                 else:
                     await self._to_spool(items)
             if self._stopping:
@@ -308,6 +316,12 @@ class EventShipper:
             return
         try:
             report = await self._cluster.ensure_setup()
+        except ClusterRejected as exc:
+            # Our template or policy refused: shipping into indices without our mapping
+            # would create them with guessed types, so hold the events in the spool
+            # (bounded, visible in the spool metrics) until an operator fixes it.
+            self._log_once("setup-rejected", "event index setup refused: %s", exc)
+            raise ClusterUnavailable(f"setup refused: {exc}") from exc
         except ClusterForbidden as exc:
             # A least-privilege writer may index without being allowed to read templates
             # or policies: ship anyway, and say once who should run the setup.
@@ -464,6 +478,8 @@ class EventShipper:
         shipped under an earlier configuration). ``cluster.error`` is set when the
         cluster could not be reached: the erasure is then incomplete there.
         """
+        if self._cluster is None:
+            raise RuntimeError("erase_subject before start()")
         needle = b'"user":{"id":' + orjson.dumps(subject_id) + b"}"
 
         def matches(payload: bytes) -> bool:
@@ -486,7 +502,6 @@ class EventShipper:
             spooled, spools = await asyncio.to_thread(self._purge_spools, matches)
             cluster: dict[str, Any] = {"index_pattern": self.settings.index_pattern}
             try:
-                assert self._cluster is not None
                 cluster["deleted"] = await self._cluster.delete_by_query("user.id", subject_id)
             except (ClusterUnavailable, ClusterRejected) as exc:
                 cluster["deleted"] = None

@@ -355,7 +355,19 @@ class Spool:
                         batch.payloads.append(payload)
                         batch.times_us.append(time_us)
                         size += len(payload)
+            if not batch.passed and self.events:
+                self._forget_unreadable()
         return batch
+
+    def _forget_unreadable(self) -> None:
+        """Counted records that cannot be read (a corrupt segment): stop counting them,
+        so replay does not spin on them, and drop the segments no one appends to."""
+        for number in list(self._segments):
+            self._segments[number].pending = 0
+            if not self._is_active(number):
+                self._segments.pop(number)
+                (self.directory / _seg_name(number)).unlink(missing_ok=True)
+        self._recount()
 
     def consume(self, batch: SpoolBatch) -> None:
         """Mark a batch as delivered: move the cursor, delete segments left behind."""

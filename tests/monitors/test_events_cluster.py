@@ -398,3 +398,47 @@ async def test_a_writer_without_setup_privileges_still_ships(
     await shipper.stop()
     assert writer.forbidden >= 1 and shipper.stats.spooled == 0
     assert "bastion events setup" in caplog.text
+
+
+async def test_stop_during_an_outage_spools_and_the_next_process_replays(
+    server: Server, tmp_path: Path
+) -> None:
+    settings = settings_for(server, tmp_path, flush_interval_s=5.0)
+    first = EventShipper(settings)
+    await first.start()
+    server.kill()
+    for event in numbered(20):
+        first.offer(event)
+    await first.stop()  # the queue was never flushed: stop() spools it
+    assert first.stats.spooled == 20 and first.stats.sent == 0
+    assert sum(1 for _ in settings.spool_dir.rglob("*.seg")) >= 1
+    server.restart()
+    second = EventShipper(settings)  # a restarted gateway worker
+    await second.start()
+    await until(lambda: second.stats.sent == 20)
+    await second.stop()
+    assert [d["_id"] for d in server.docs()] == [f"req-{i:06d}" for i in range(20)]
+    assert not list(settings.spool_dir.iterdir()), "emptied spools are removed"
+
+
+async def test_a_full_spool_drops_the_oldest_and_counts_them(
+    server: Server, tmp_path: Path
+) -> None:
+    settings = settings_for(server, tmp_path, spool_max_bytes=64 * 1024)
+    shipper = EventShipper(settings)
+    dropped_before = sample("bastion_events_dropped_total")
+    await shipper.start()
+    server.kill()
+    for event in numbered(600):  # ~600 bytes a record: about 100 fit
+        shipper.offer(event)
+        if event.request_id.endswith("0"):
+            await asyncio.sleep(0.002)
+    await until(lambda: shipper.stats.spooled == 600)
+    dropped = shipper.stats.dropped
+    assert 0 < dropped < 600
+    assert sample("bastion_events_dropped_total") - dropped_before == dropped
+    server.restart()
+    await until(lambda: shipper.stats.sent == 600 - dropped, within=40)
+    await shipper.stop()
+    ids = [d["_id"] for d in server.docs()]
+    assert ids == [f"req-{i:06d}" for i in range(dropped, 600)], "the newest, in order"

@@ -138,3 +138,15 @@ def test_nothing_acknowledged_is_lost_to_sigkill(tmp_path: Path) -> None:
     assert len(got) >= acknowledged
     assert got == list(range(len(got))), "in order, no gap, no duplicate"
     adopted.close()
+
+
+def test_unreadable_records_do_not_stall_replay(tmp_path: Path) -> None:
+    spool = Spool.create(tmp_path / "spool", 1024 * 1024)
+    spool.append([(i, b"record-%d" % i) for i in range(5)])
+    segment = next(spool.directory.glob("*.seg"))
+    data = bytearray(segment.read_bytes())
+    data[4] ^= 0xFF  # the first record's CRC: nothing after it can be trusted
+    segment.write_bytes(bytes(data))
+    batch = spool.read(10)
+    assert batch.payloads == [] and spool.events == 0, "counted as gone, not retried forever"
+    spool.close()
