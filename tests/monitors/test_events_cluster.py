@@ -442,3 +442,32 @@ async def test_a_full_spool_drops_the_oldest_and_counts_them(
     await shipper.stop()
     ids = [d["_id"] for d in server.docs()]
     assert ids == [f"req-{i:06d}" for i in range(dropped, 600)], "the newest, in order"
+
+
+async def test_a_frozen_cluster_times_out_and_nothing_is_indexed_twice(
+    server: Server, tmp_path: Path
+) -> None:
+    settings = settings_for(server, tmp_path, timeout_s=0.3)
+    shipper = EventShipper(settings)
+    await shipper.start()
+
+    async def produce() -> None:
+        for event in numbered(600):
+            shipper.offer(event)
+            await asyncio.sleep(0.002)
+
+    producer = asyncio.create_task(produce())
+    await until(lambda: shipper.stats.sent > 50)
+    server.proc.process.send_signal(signal.SIGSTOP)  # slow as can be: requests hang
+    try:
+        await until(lambda: shipper.stats.spooled > 100)
+    finally:
+        server.proc.process.send_signal(signal.SIGCONT)  # answers what it held, late
+    await producer
+    await until(lambda: shipper.stats.sent + shipper.stats.duplicates >= 600, within=40)
+    await shipper.stop()
+    ids = [d["_id"] for d in server.docs()]
+    assert sorted(ids) == [f"req-{i:06d}" for i in range(600)], "each exactly once"
+    # The held request was answered after its timeout: its documents came back from
+    # the spool as refused duplicates, not as second copies.
+    assert shipper.stats.sent + shipper.stats.duplicates == 600
