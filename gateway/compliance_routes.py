@@ -179,6 +179,7 @@ class ComplianceRoutes:
                     "text": str(problem),
                 },
                 "problems": len(report.problems),
+                "unsigned": report.unsigned,
             }
         else:
             body = {

@@ -9,6 +9,11 @@ does ``ttl`` after its holder stops renewing it (killed, hung, cut off from the
 database). The run itself is in a thread, off the event loop; between chunks it renews
 the lease and stops if it lost it or the gateway is stopping. A failed run is logged and
 tried again an interval later: retention never takes the gateway down.
+
+Each process also signs the tails that dead writers left unsigned
+(compliance/unsigned_tails.py) at its first tick, without waiting for the lease (which a
+killed holder keeps for ``ttl``): a gateway restarted after a SIGKILL signs what its
+previous life left as it starts. The lease holder signs them again before each run.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from sqlalchemy import Engine
 
 from compliance.job_lease import JobLease
 from compliance.retention import RetentionResult, apply_retention
+from compliance.unsigned_tails import TailsResult, sign_unsigned_tails
 from gateway.config import AuditSettings
 
 log = logging.getLogger("bastion.retention")
@@ -51,6 +57,9 @@ class RetentionJob:
         self._stopping = threading.Event()
         self._task: asyncio.Task[None] | None = None
         self._current: asyncio.Future[RetentionResult | None] | None = None
+        self._tails_signed = False
+        self.tails: TailsResult | None = None
+        """What the last signing of unsigned tails did (tests and curiosity)."""
         self.runs = 0
         """Runs this process made (tests and curiosity)."""
 
@@ -73,6 +82,8 @@ class RetentionJob:
 
         The result, or None when another process holds the lease or the job is not due.
         """
+        if not self._tails_signed:
+            self._sign_tails()  # at start, lease or not: a dead holder's lease lasts ttl_s
         if not self.lease.acquire():
             return None
         state = self.lease.state()
@@ -82,6 +93,7 @@ class RetentionJob:
         )
         if not due or self._stopping.is_set():
             return None
+        self._sign_tails()
         # The attempt counts as the run: one that fails is tried again an interval later.
         if not self.lease.record_run(started_us):
             return None
@@ -92,6 +104,19 @@ class RetentionJob:
         self.runs += 1
         _log_result(result, self._days, time.monotonic() - started)
         return result
+
+    def _sign_tails(self) -> None:
+        self._tails_signed = True
+        tails = self.tails = sign_unsigned_tails(self._engine, self._signing_key)
+        if tails.signed:
+            log.warning(
+                "audit: signed %d entries that %d chain(s) had left unsigned (a writer that "
+                "stopped without its final checkpoint)",
+                tails.entries,
+                len(tails.signed),
+            )
+        for problem in tails.refused:
+            log.error("audit: an unsigned tail does not verify, left unsigned: %s", problem)
 
     def _proceed(self) -> bool:
         if self._stopping.is_set():

@@ -201,6 +201,7 @@ def test_three_workers_of_a_served_gateway_run_it_one_at_a_time(
     key = load_or_create_signing_key(Path(settings["signing_key_file"]))
     seed(store, key)
     settings["server"] = {"workers": 3}
+    settings["rate_limits"] = {"enabled": False}  # in-memory limits refuse several workers
     settings["audit"] = {"retention_interval_s": 0.3}
     gateway = pool.gateway(
         [pool.upstream("ret-up", ["m1"])], env={"BASTION_MASTER_KEY": MASTER_B64}, **settings
