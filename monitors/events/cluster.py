@@ -97,6 +97,16 @@ def _error_type(body: dict[str, Any]) -> str:
     return "unknown"
 
 
+def _ism_retention(data: dict[str, Any]) -> str | None:
+    """The ``min_index_age`` of the transition into the delete state of an ISM policy."""
+    for state in data.get("policy", {}).get("states", []):
+        for transition in state.get("transitions", []):
+            if transition.get("state_name") == "delete":
+                age = transition.get("conditions", {}).get("min_index_age")
+                return str(age) if age is not None else None
+    return None
+
+
 class Cluster:
     """A connection to one cluster; ``async with`` or :meth:`aclose` when done."""
 
@@ -253,8 +263,11 @@ class Cluster:
 
     async def _ensure_ilm(self, force: bool) -> str:
         path = f"/_ilm/policy/{self.settings.policy_name}"
-        status, _ = await self._request("GET", path)
-        if status == 200 and not force:
+        status, data = await self._request("GET", path)
+        installed = data.get(self.settings.policy_name, {}).get("policy", {})
+        min_age = installed.get("phases", {}).get("delete", {}).get("min_age")
+        # A changed retention_days is a compliance setting: apply it, not only on --force.
+        if status == 200 and not force and min_age == f"{self.settings.retention_days}d":
             return "present"
         put, data = await self._request("PUT", path, body=ilm_policy(self.settings))
         if put != 200:
@@ -266,7 +279,8 @@ class Cluster:
         status, data = await self._request("GET", path)
         if status == 400:  # "no handler found": no ISM plugin
             return "unavailable"
-        if status == 200 and not force:
+        current = _ism_retention(data) == f"{self.settings.retention_days}d"
+        if status == 200 and not force and current:
             return "present"
         params = None
         if status == 200:  # ISM updates need the current sequence number

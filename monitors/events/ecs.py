@@ -61,6 +61,7 @@ def _outcome(status: int) -> str:
 
 
 def _error(event: RequestEvent) -> dict[str, str] | None:
+    kind: str
     if event.cut is not None:
         kind = event.cut
     elif event.status >= 500:
@@ -69,7 +70,7 @@ def _error(event: RequestEvent) -> dict[str, str] | None:
         kind = "client_error"
     else:
         return None
-    error = {"type": kind}
+    error: dict[str, str] = {"type": kind}
     if event.error_type:
         error["code"] = event.error_type
     return error

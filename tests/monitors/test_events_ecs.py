@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from monitors.events.cluster import _ism_retention
 from monitors.events.ecs import iso_timestamp, to_document
 from monitors.events.settings import EventSettings, cluster_auth
 from monitors.events.templates import MAPPINGS, daily_index, ilm_policy, index_template, ism_policy
@@ -218,6 +219,9 @@ def test_templates_and_policies() -> None:
     assert ism["ism_template"][0]["index_patterns"] == ["logs-bastion.gateway-*"]
     assert daily_index(s, 1_796_204_678_123_456) == "logs-bastion.gateway-default-2026.12.02"
     assert iso_timestamp(0) == "1970-01-01T00:00:00.000000Z"
+    # the shipper recognises its own policy's retention when it reads it back
+    assert _ism_retention(ism_policy(s)) == "14d"
+    assert _ism_retention({"policy": {"states": []}}) is None
 
 
 def test_kibana_objects_match_the_template() -> None:
