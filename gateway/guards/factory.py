@@ -6,7 +6,6 @@ Scanners are stateless and shared by every call; what differs per caller is the 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,6 @@ from gateway.guards.secrets import SecretsScanner
 from gateway.guards.settings import GuardSettings
 from gateway.guards.sql_injection import SQLInjectionScanner
 from gateway.guards.token_limit import TokenLimitScanner, load_tokenizers
-
-log = logging.getLogger("bastion.guards")
 
 
 class ScoredClassifier:
@@ -60,10 +57,9 @@ def build_default_input_scanners(
         ),
     }
     if _wanted(settings, "input", "prompt_injection"):
-        try:  # TEMPORARY until gateway/guards/classifier.py is committed
-            scanners["prompt_injection"] = injection_classifier()
-        except (ImportError, RuntimeError) as exc:
-            log.error("prompt_injection classifier unavailable: %s", exc)
+        # A missing or altered artefact stops the start (ArtefactMismatch): a gateway
+        # must not come up without the guard its configuration asks for.
+        scanners["prompt_injection"] = injection_classifier()
     return scanners
 
 

@@ -33,14 +33,15 @@ _PHONE = re.compile(
 )
 _CARD = re.compile(r"(?<![\d\-])(?:\d[ \-]?){12,18}\d(?![\d\-])")
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b")
-_IPV4 = re.compile(
-    r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.]|\.\d)"
+_IPV4 = re.compile(r"(?<![\w.])\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?![\w.]|\.\d)")
+_IPV6 = re.compile(
+    r"(?<![\w:.])(?:[0-9A-Fa-f]{1,4}:|:)(?:[0-9A-Fa-f]{0,4}:){1,6}[0-9A-Fa-f]{0,4}(?![\w:])"
 )
-_IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
-_SSN = re.compile(r"(?<![\d\-])(?!000|666|9\d\d)\d{3}([\- ])(?!00)\d{2}\1(?!0000)\d{4}(?![\d\-])")
-_NINO = re.compile(
-    r"\b(?!BG|GB|KN|NK|NT|TN|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b"
-)
+# Simple patterns first, the issuers' rules in Python (lookaheads at every position of a
+# long prompt cost more than the few candidates they would reject).
+_SSN = re.compile(r"(?<![\d\-])\d{3}([\- ])\d{2}\1\d{4}(?![\d\-])")
+_NINO = re.compile(r"\b[A-Z]{2} ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b")
+_NINO_PREFIX = re.compile(r"(?!BG|GB|KN|NK|NT|TN|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z]")
 _DE_TAX = re.compile(r"(?<!\d)[1-9](?: ?\d){10}(?!\d)")
 
 # Lengths per country (SWIFT's IBAN registry, the countries most traffic will carry).
@@ -93,6 +94,17 @@ def _card(match: re.Match[str]) -> bool:
     return 13 <= len(digits) <= 19 and bool(_CARD_PREFIX.match(digits)) and luhn(digits)
 
 
+def _ssn(match: re.Match[str]) -> bool:
+    """The SSA's rules: no area 000, 666 or 9xx, no group 00, no serial 0000."""
+    digits = re.sub(r"\D", "", match.group())
+    area, group, serial = digits[:3], digits[3:5], digits[5:]
+    return area not in ("000", "666") and area[0] != "9" and group != "00" and serial != "0000"
+
+
+def _nino(match: re.Match[str]) -> bool:
+    return _NINO_PREFIX.match(match.group()) is not None
+
+
 def _phone(match: re.Match[str]) -> bool:
     return 8 <= sum(ch.isdigit() for ch in match.group()) <= 15
 
@@ -113,8 +125,8 @@ _DETECTORS: dict[str, tuple[re.Pattern[str], object]] = {
     "EMAIL": (_EMAIL, None),
     "CREDIT_CARD": (_CARD, _card),
     "IBAN": (_IBAN, lambda m: iban_valid(m.group())),
-    "US_SSN": (_SSN, None),
-    "UK_NINO": (_NINO, None),
+    "US_SSN": (_SSN, _ssn),
+    "UK_NINO": (_NINO, _nino),
     "DE_TAX_ID": (_DE_TAX, lambda m: de_tax_id_valid(m.group())),
     "PHONE": (_PHONE, _phone),
     "IP_ADDRESS": (_IPV4, _ip),
@@ -123,9 +135,13 @@ _DETECTORS: dict[str, tuple[re.Pattern[str], object]] = {
 # Cheap tests that must hold for an entity to be possible at all.
 _HINTS: dict[str, re.Pattern[str]] = {
     "EMAIL": re.compile("@"),
-    "IP_ADDRESS_V6": re.compile(":"),
+    "IP_ADDRESS_V6": re.compile(r"[0-9A-Fa-f]:[0-9A-Fa-f]{0,4}:|::"),
+    "IP_ADDRESS": re.compile(r"\d\.\d{1,3}\.\d"),
     "IBAN": re.compile(r"[A-Z]{2}\d\d"),
     "UK_NINO": re.compile(r"[A-Z]{2} ?\d\d"),
+    "CREDIT_CARD": re.compile(r"\d{4}[ \-]?\d{4}"),
+    "PHONE": re.compile(r"[+(]\s?\d|\b00\d|\d{3}[.\-]\d{3}[.\-]\d"),
+    "DE_TAX_ID": re.compile(r"\d{11}|\d \d \d"),
 }
 _DIGITS = re.compile(r"\d{2}")
 

@@ -63,12 +63,15 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
 )
 _FIXED = [(label, re.compile(pattern)) for label, pattern in _PATTERNS]
 
-# Any of these fragments must occur for one of the fixed patterns to match.
-_PREFILTER = re.compile(
-    r"AKIA|ASIA|ABIA|ACCA|AROA|AIDA|(?i:aws)|AIza|GOCSPX|(?i:accountkey)|sig=|Q~|gh[pousr]_"
-    r"|github_pat_|glpat-|xox|hooks\.slack|_live_|_test_|sk-|hf_|npm_|SG\.|SK[0-9a-f]"
-    r"|PRIVATE KEY|eyJ|://"
-)
+# Any of these fragments must occur for one of the fixed patterns to match (substring
+# tests run at C speed; one alternation of them as a regular expression cost 20x more).
+_FRAGMENTS = (
+    "AKIA", "ASIA", "ABIA", "ACCA", "AROA", "AIDA", "AIza", "GOCSPX", "sig=", "Q~", "ghp_",
+    "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "glpat-", "xox", "hooks.slack", "_live_",
+    "_test_", "sk-", "hf_", "npm_", "SG.", "SK", "PRIVATE KEY", "eyJ", "://",
+)  # fmt: skip
+_LOWER_FRAGMENTS = ("aws", "accountkey")
+_ASSIGNMENT_WORDS = ("pass", "pwd", "secret", "key", "token", "bearer")
 
 _ASSIGNMENT = re.compile(
     r"(?i)\b(?:password|passwd|passphrase|pwd|secret|secret[_-]?key|api[_-]?key|apikey"
@@ -128,20 +131,22 @@ class SecretsScanner:
     def scan(self, text: str, context: ScanContext) -> Finding | None:
         spans: list[Span] = []
         score = 0.0
-        if _PREFILTER.search(text):
+        low = text.lower()
+        if any(f in text for f in _FRAGMENTS) or any(f in low for f in _LOWER_FRAGMENTS):
             for label, pattern in _FIXED:
                 for match in pattern.finditer(text):
                     group = 1 if pattern.groups and match.group(1) else 0
                     spans.append(Span(match.start(group), match.end(group), label))
                     score = 1.0
-        for match in _ASSIGNMENT.finditer(text):
+        assigned = any(word in low for word in _ASSIGNMENT_WORDS)
+        for match in _ASSIGNMENT.finditer(text) if assigned else ():
             group = next(i for i in (1, 2, 3) if match.group(i) is not None)
             value = match.group(group)
             value_score = _assignment_score(value)
             if value_score >= 0.5:
                 spans.append(Span(match.start(group), match.end(group), "password_assignment"))
                 score = max(score, value_score)
-        for match in _BEARER.finditer(text):
+        for match in _BEARER.finditer(text) if "authorization" in low else ():
             spans.append(Span(match.start(1), match.end(1), "authorization_header"))
             score = max(score, 0.95)
         if not spans:

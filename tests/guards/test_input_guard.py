@@ -19,7 +19,13 @@ from tests.guards.scanners_for_tests import BrokenScanner, SlowScanner, WordScan
 
 def guard(settings: GuardSettings | None = None, injection: object | None = None) -> InputGuard:
     settings = settings or GuardSettings()
-    scanners = build_default_input_scanners(settings)
+    # The rule scanners as shipped, and a stand-in classifier with a known answer (the
+    # shipped classifier has its own tests, and test_offline runs it in the pipeline).
+    without = settings.input["prompt_injection"].model_copy(update={"enabled": False})
+    rules_only = settings.model_copy(
+        update={"input": {**settings.input, "prompt_injection": without}}
+    )
+    scanners = build_default_input_scanners(rules_only)
     scanners["prompt_injection"] = injection or WordScanner()  # type: ignore[assignment]
     return InputGuard(settings, scanners=scanners)
 
