@@ -79,12 +79,23 @@ class SetupReport:
     target: str = ""
     """Where documents go: the data stream, or the daily index prefix."""
     notes: list[str] = field(default_factory=list)
+    template_name: str = ""
+    pattern: str = ""
+    policy_name: str = ""
+    retention_days: int = 0
 
     def lines(self) -> list[str]:
+        kind = "ILM" if self.flavour == "elasticsearch" else "ISM"
         lines = [
             f"cluster: {self.flavour} {self.version}",
-            f"index template: {self.template} (version {TEMPLATE_VERSION})",
-            f"lifecycle policy: {self.lifecycle}",
+            f"index template: {self.template} ({self.template_name} for {self.pattern}, "
+            f"version {TEMPLATE_VERSION})",
+            f"lifecycle policy: {self.lifecycle} ({kind} {self.policy_name}: "
+            + (
+                f"no {kind} API, nothing is deleted)"
+                if self.lifecycle == "unavailable"
+                else f"delete after {self.retention_days} days)"
+            ),
             f"writes to: {self.target} ({'data stream' if self.data_stream else 'daily indices'})",
         ]
         return lines + [f"note: {note}" for note in self.notes]
@@ -199,8 +210,15 @@ class Cluster:
         """Install the lifecycle policy and the index template when missing or older than
         ours (always with ``force``); learn whether writes go to a data stream."""
         flavour, version = await self.info()
-        report = SetupReport(flavour=flavour, version=version)
         s = self.settings
+        report = SetupReport(
+            flavour=flavour,
+            version=version,
+            template_name=s.template_name,
+            pattern=s.index_pattern,
+            policy_name=s.policy_name,
+            retention_days=s.retention_days,
+        )
         # Elasticsearch: the policy before the template that names it. OpenSearch: the
         # template first, as whether data streams are offered decides the ISM policy.
         if flavour == "elasticsearch":
