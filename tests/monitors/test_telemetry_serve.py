@@ -138,11 +138,16 @@ def test_two_workers_n_requests_one_scrape_shows_exactly_n(served: Served) -> No
 
     # Events reach the metrics just after the answer (and each worker writes its sums
     # within a tenth of a second): wait for them, then every scrape must agree.
-    wait_until(
-        lambda: requests_total(served.scrape().text, "2xx") >= N,
-        10,
-        what=f"bastion_requests_total{{route={CHAT!r},status_class='2xx'}} to reach {N}",
-    )
+    seen: list[float] = []
+
+    def reached() -> bool:
+        seen.append(requests_total(served.scrape().text, "2xx"))
+        return seen[-1] >= N
+
+    try:
+        wait_until(reached, 10, interval=0.2, what="the requests in the metrics")
+    except AssertionError:
+        pytest.fail(f"bastion_requests_total{{route={CHAT!r}}} 2xx never reached {N}: {seen[-8:]}")
     time.sleep(0.3)
     for _ in range(8):  # new connections: both workers answer some of these
         text = served.scrape().text
