@@ -1,0 +1,275 @@
+"""Every shipped query against a real Prometheus scraping a real gateway.
+
+``bastion serve --workers 2`` (keys, Redis rate limits, watermark scoring, an audit
+store) in front of the fixture upstream; Prometheus from apt scrapes its /metrics every
+second with a metrics:read key from a credentials file, loads the stack's rule files and
+evaluates them every second. A little traffic of every kind the dashboards chart goes
+through (answers, streams, 401s, 403s, 429s, 5xx); then every dashboard panel's query
+and every rule's expression goes to /api/v1/query.
+
+Outside the GPU dashboard and the vLLM-specific queries (tests/dashboards/
+test_queries_vllm.py runs those against a real vLLM), every panel and recording rule
+must return a number, and every alert's Bastion inputs must exist (an alert expression
+itself returns data only while it fires).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.dashboards.prometheus_server import PrometheusServer, has_data
+from tests.dashboards.queries import ShippedQuery, shipped_queries, write_key_file
+from tests.support import (
+    START_TIMEOUT_S,
+    Gateway,
+    ManagedProcess,
+    ProcessPool,
+    bastion_command,
+    chat_body,
+    free_port,
+    gateway_config,
+    upstream_entry,
+    wait_until,
+)
+from tests.watermarking import build_tokenizer
+
+pytestmark = pytest.mark.timeout(240)
+
+MASTER_KEY = base64.b64encode(b"d" * 32).decode()
+WATERMARK_KEYS = json.dumps({"k1": base64.b64encode(b"w" * 32).decode()})
+MODEL = "m1"
+APP_KEYS = 4
+
+
+def cli(config: Path, *args: str) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    env["BASTION_MASTER_KEY"] = MASTER_KEY
+    done = subprocess.run(
+        [*bastion_command(), *args, "--config", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+class Live:
+    def __init__(self, gateway: Gateway, keys: dict[str, str], prometheus: PrometheusServer):
+        self.gateway = gateway
+        self.keys = keys
+        self.prometheus = prometheus
+        self.statuses: dict[int, int] = {}
+
+    def call(self, path: str, key: str | None, body: dict[str, Any] | None = None) -> int:
+        headers = {"connection": "close"}  # a new connection each time: both workers serve
+        if key is not None:
+            headers["authorization"] = f"Bearer {key}"
+        if body is None:
+            r = httpx.get(f"{self.gateway.url}{path}", headers=headers, timeout=30)
+        else:
+            r = httpx.post(f"{self.gateway.url}{path}", json=body, headers=headers, timeout=30)
+        self.statuses[r.status_code] = self.statuses.get(r.status_code, 0) + 1
+        return r.status_code
+
+
+def send_traffic(live: Live, upstream: Any) -> None:
+    """Answers, streams, each refusal the dashboards chart, and upstream failures."""
+    apps = [live.keys[f"app{i}"] for i in range(APP_KEYS)]
+    for i in range(12):
+        body = chat_body(MODEL, f"question {i} about the weather", stream=i % 3 == 0)
+        assert live.call("/v1/chat/completions", apps[i % APP_KEYS], body) == 200
+    for i in range(2):
+        prompt = {"model": MODEL, "prompt": f"complete {i}"}
+        assert live.call("/v1/completions", apps[i], prompt) == 200
+        assert live.call("/v1/embeddings", apps[i], {"model": MODEL, "input": "x"}) == 200
+    assert live.call("/v1/models", apps[0]) == 200
+    # Authentication and authorisation failures.
+    assert live.call("/v1/chat/completions", None, chat_body(MODEL)) == 401
+    assert live.call("/v1/chat/completions", "bst_" + "0" * 40, chat_body(MODEL)) == 401
+    assert live.call("/v1/chat/completions", live.keys["auditor"], chat_body(MODEL)) == 403
+    # One key past its bucket (5 a second, burst 5).
+    burst = live.keys["burst"]
+    refused = [live.call("/v1/chat/completions", burst, chat_body(MODEL)) for _ in range(12)]
+    assert 429 in refused, refused
+    # The upstream fails: 5xx answers, upstream errors and retries.
+    upstream.set_mode("error500", count=4)
+    for i in range(2):
+        live.call("/v1/chat/completions", apps[i], chat_body(MODEL, "fails"))
+    # A dropped connection before the first byte is retried.
+    upstream.set_mode("drop", count=1)
+    live.call("/v1/chat/completions", apps[2], chat_body(MODEL, "dropped once"))
+    upstream.set_mode("ok")
+    for i in range(4):
+        body = chat_body(MODEL, f"after the failure {i}", stream=i % 2 == 0)
+        assert live.call("/v1/chat/completions", apps[i], body) == 200
+    assert any(status >= 500 for status in live.statuses), live.statuses
+
+
+@pytest.fixture(scope="module")
+def live(module_pool: ProcessPool, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    from compliance.signing import load_or_create_signing_key
+
+    work = tmp_path_factory.mktemp("live-queries")
+    upstream = module_pool.upstream("live-up", [MODEL])
+    signing = work / "signing.key"
+    load_or_create_signing_key(signing)
+    config = gateway_config(
+        [upstream_entry(upstream)],
+        dev=False,
+        signing_key_file=str(signing),
+        database_url=f"sqlite:///{work / 'bastion.db'}",
+        redis_url="redis://127.0.0.1:6379/0",
+        auth={"enabled": True, "key_refresh_s": 0.2},
+        rate_limits={"enabled": True, "requests_per_second": 5, "burst": 5},
+        watermark={"enabled": True, "tokenizers": {MODEL: str(build_tokenizer(work / "tok"))}},
+        server={"workers": 2},
+    )
+    gateway = Gateway(
+        config,
+        work,
+        env={"BASTION_MASTER_KEY": MASTER_KEY, "BASTION_WATERMARK_KEYS": WATERMARK_KEYS},
+    )
+    gateway.config_path.write_text(yaml.safe_dump(gateway.config, sort_keys=False))
+    keys = {f"app{i}": cli(gateway.config_path, "keys", "create", "--json", "--role", "app")["key"]
+            for i in range(APP_KEYS)}  # fmt: skip
+    for role, name in (("app", "burst"), ("auditor", "auditor"), ("model_admin", "metrics")):
+        keys[name] = cli(gateway.config_path, "keys", "create", "--json", "--role", role)["key"]
+    module_pool.gateways.append(gateway)
+    gateway.start()
+    wait_until(
+        lambda: gateway.http.get("/readyz").status_code == 200,
+        START_TIMEOUT_S,
+        what=f"gateway /readyz 200 (output: {gateway.output()[-500:]})",
+    )
+    host = urlless(gateway.url)
+    scrape = [
+        {
+            "job_name": "bastion-gateway",
+            "authorization": {
+                "type": "Bearer",
+                "credentials_file": str(write_key_file(work, keys["metrics"])),
+            },
+            "static_configs": [{"targets": [host]}],
+        }
+    ]
+    node = node_exporter(work)
+    if node is not None:
+        scrape.append({"job_name": "node", "static_configs": [{"targets": [node[1]]}]})
+    prometheus = PrometheusServer(work / "prometheus", scrape).start()
+    try:
+        wait_until(lambda: prometheus.targets_up("bastion-gateway"), 30, what="gateway scraped")
+        live = Live(gateway, keys, prometheus)
+        send_traffic(live, upstream)
+        # Two more scrapes and rule evaluations after the last request.
+        time.sleep(3)
+        yield live
+    finally:
+        prometheus.stop()
+        if node is not None:
+            node[0].stop()
+
+
+def urlless(url: str) -> str:
+    return url.removeprefix("http://")
+
+
+def node_exporter(work: Path) -> tuple[ManagedProcess, str] | None:
+    """Debian's node exporter on loopback, when installed (the host panels' data)."""
+    binary = shutil.which("prometheus-node-exporter")
+    if binary is None:
+        return None
+    address = f"127.0.0.1:{free_port()}"
+    process = ManagedProcess([binary, f"--web.listen-address={address}"], work / "node.log")
+    process.spawn()
+    wait_until(lambda: _answers(f"http://{address}/metrics"), 20, what="node exporter")
+    return process, address
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+QUERIES = shipped_queries()
+GATEWAY_QUERIES = [q for q in QUERIES if not q.needs_gpu_host and not q.needs_vllm]
+
+
+def test_every_shipped_query_parses(live: Live) -> None:
+    failures = []
+    for query in QUERIES:
+        answer = live.prometheus.query(query.promql())
+        if answer.get("status") != "success":
+            failures.append(f"{query.where}: {answer.get('error')}")
+    print(f"\nqueries parsed by Prometheus: {len(QUERIES) - len(failures)}/{len(QUERIES)}")
+    assert failures == []
+
+
+def test_prometheus_evaluates_every_rule_without_error(live: Live) -> None:
+    rules = live.prometheus.rule_health()
+    assert len(rules) == sum(1 for q in QUERIES if q.kind != "panel")
+    broken = [f"{r['name']}: {r.get('lastError')}" for r in rules if r["health"] == "err"]
+    assert broken == []
+
+
+def test_gateway_queries_return_data(live: Live) -> None:
+    """Panels and recording rules outside the GPU dashboard and vLLM return a number."""
+    counted = [q for q in GATEWAY_QUERIES if q.kind != "alert"]
+    empty = [q.where for q in counted if not has_data(live.prometheus.query(q.promql()))]
+    all_panels = [q for q in QUERIES if q.kind != "alert"]
+    with_data = sum(has_data(live.prometheus.query(q.promql())) for q in all_panels)
+    print(
+        f"\npanel and recording queries with data: {len(counted) - len(empty)}/{len(counted)} "
+        f"required (gateway); {with_data}/{len(all_panels)} of all, GPU/host and vLLM included"
+    )
+    assert empty == [], "no data for:\n" + "\n".join(empty)
+
+
+def test_alert_inputs_exist(live: Live) -> None:
+    """Each alert outside GPU/hosts and vLLM reads Bastion series that Prometheus has."""
+    missing = []
+    alerts = [q for q in GATEWAY_QUERIES if q.kind == "alert"]
+    for query in alerts:
+        for name in query.inputs():
+            if not has_data(live.prometheus.query(f"group({name})")):
+                missing.append(f"{query.where}: {name}")
+    incomplete = {m.split(": ")[0] for m in missing}
+    print(f"\nalerts whose inputs all exist: {len(alerts) - len(incomplete)}/{len(alerts)}")
+    assert missing == [], "\n".join(missing)
+
+
+def test_traffic_reached_the_scraped_counters(live: Live) -> None:
+    """A sanity check on the numbers: every 2xx the test got, Prometheus counted once
+    (both workers' requests in one exposition)."""
+    answer = live.prometheus.query(
+        'sum(bastion_requests_total{route=~"/v1/.+",status_class="2xx"})'
+    )
+    assert has_data(answer), answer
+    counted = float(answer["data"]["result"][0]["value"][1])
+    by_route = live.prometheus.query("sum by (route, status_class) (bastion_requests_total)")
+    print(json.dumps([(r["metric"], r["value"][1]) for r in by_route["data"]["result"]]))
+    assert counted == live.statuses[200], (counted, live.statuses)
+
+
+def test_shipped_queries_are_classified(live: Live) -> None:
+    """The split above is not vacuous: each class holds queries."""
+    assert len(GATEWAY_QUERIES) > 60
+    assert any(q.needs_vllm for q in QUERIES) and any(q.needs_gpu_host for q in QUERIES)
+    assert all(isinstance(q, ShippedQuery) for q in QUERIES)
