@@ -125,7 +125,8 @@ class MetricsSink:
     event loop, schedules one write of everything pending ``flush_interval_s`` later;
     called outside a running loop it writes at once. So a scrape may miss the last
     ``flush_interval_s`` of requests (Prometheus sees them at the next scrape); call
-    :meth:`flush` at shutdown so the last ones are written.
+    :meth:`flush` at shutdown so the last ones are written. Call it from the event
+    loop's thread only (the sums are plain dicts, unlocked).
     """
 
     name = "metrics"
