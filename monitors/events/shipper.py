@@ -157,7 +157,8 @@ class EventShipper:
     # the request path ------------------------------------------------------------------
 
     def offer(self, event: RequestEvent) -> None:
-        """Queue the event; never waits (see the module docstring)."""
+        """Queue the event; never waits (see the module docstring). Call it from the event
+        loop's thread, as the gateway's sinks are (an asyncio queue is not thread-safe)."""
         self.stats.offered += 1
         try:
             self._queue.put_nowait(event)
