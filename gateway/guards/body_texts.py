@@ -67,12 +67,12 @@ def _message_texts(message: dict[str, Any], i: int, into: list[BodyText]) -> boo
         for j, call in enumerate(tool_calls):
             function = call.get("function") if isinstance(call, dict) else None
             if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                path = ("messages", i, "tool_calls", j, "function", "arguments")
+                path: Path = ("messages", i, "tool_calls", j, "function", "arguments")
                 into.append(BodyText(path, function["arguments"], role, json_string=True))
     function_call = message.get("function_call")
     if isinstance(function_call, dict) and isinstance(function_call.get("arguments"), str):
-        path = ("messages", i, "function_call", "arguments")
-        into.append(BodyText(path, function_call["arguments"], role, json_string=True))
+        call_path: Path = ("messages", i, "function_call", "arguments")
+        into.append(BodyText(call_path, function_call["arguments"], role, json_string=True))
     return False
 
 

@@ -19,7 +19,7 @@ from gateway.guards.errors import UnscannablePrompt
 from gateway.guards.factory import build_default_input_scanners
 from gateway.guards.pipeline import GuardPipeline, Step
 from gateway.guards.scanner import ScanContext, Scanner
-from gateway.guards.settings import GuardSettings
+from gateway.guards.settings import FailureMode, GuardSettings
 from gateway.guards.vault import PIIVault, VaultStore
 from gateway.pipeline import CallContext
 from monitors.request_event import GuardVerdict
@@ -79,7 +79,7 @@ class InputGuard:
         return found
 
     @property
-    def _on_error(self) -> str:
+    def _on_error(self) -> FailureMode:
         return self.settings.model_scanners.on_error
 
     async def check(self, call: CallContext) -> None:

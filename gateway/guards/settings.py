@@ -9,7 +9,8 @@ docs/guards.md shows the YAML.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -80,7 +81,7 @@ class PipelineOverride(_Frozen):
         return self
 
 
-def _check_names(scanners: dict[str, object], known: tuple[str, ...], stage: str) -> None:
+def _check_names(scanners: Mapping[str, object], known: tuple[str, ...], stage: str) -> None:
     unknown = sorted(set(scanners) - set(known))
     if unknown:
         raise ValueError(f"unknown {stage} scanner {unknown[0]!r} (known: {', '.join(known)})")
@@ -118,7 +119,9 @@ class StreamSettings(_Frozen):
 
 
 class PIISettings(_Frozen):
-    entities: tuple[PIIEntity, ...] = tuple(e for e in PII_ENTITIES if e != "DE_TAX_ID")
+    entities: tuple[PIIEntity, ...] = cast(
+        tuple[PIIEntity, ...], tuple(e for e in PII_ENTITIES if e != "DE_TAX_ID")
+    )
     """What the PII scanners look for (DE_TAX_ID is opt-in: any 11 digits may pass its check)."""
     vault: Literal["request", "conversation"] = "request"
     """One vault per call, or per conversation (keyed by key id and ``conversation_header``)."""

@@ -21,6 +21,7 @@ query's structure. The scanner:
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import sqlglot
 from sqlglot import exp
@@ -67,7 +68,7 @@ _NUMERIC_TAIL = " AND d = 'w'"
 _DESTRUCTIVE = (exp.Drop, exp.Delete, exp.Insert, exp.Update, exp.Command, exp.Create, exp.Alter)
 
 
-def _literal_only(node: exp.Expression) -> bool:
+def _literal_only(node: Any) -> bool:
     """A comparison or constant with no column in it: true whatever the row (a tautology)."""
     if isinstance(node, exp.Paren):
         return _literal_only(node.this)
@@ -80,7 +81,7 @@ def _literal_only(node: exp.Expression) -> bool:
     return False
 
 
-def _changed(statements: list[exp.Expression | None]) -> str | None:
+def _changed(statements: list[Any]) -> str | None:
     """What a parsed template shows beyond its own one condition pair, if anything."""
     parsed = [s for s in statements if s is not None]
     if len(parsed) > 1:
@@ -105,7 +106,7 @@ def _changed(statements: list[exp.Expression | None]) -> str | None:
     return None
 
 
-def _comparison(node: exp.Expression) -> bool:
+def _comparison(node: Any) -> bool:
     while isinstance(node, exp.Paren):
         node = node.this
     if isinstance(node, exp.Connector):

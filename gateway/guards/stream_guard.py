@@ -174,7 +174,7 @@ class StreamGuard:
         if cut <= channel.released and not (channel.final and channel.scanned < end):
             return
         start = max(0, channel.released - self._context_chars)
-        window = BodyText((), channel.raw[start:], _ROLE.get(channel.field, "reasoning"))
+        window = BodyText((), channel.raw[start:], _ROLE.get(channel.kind, "reasoning"))
         context = _with(self._context, channel.final)
         spans: list[Redaction] = []
         reports = [await self._window.scan([window], context, self._vault, spans=spans)]
@@ -250,13 +250,13 @@ class StreamGuard:
         template = self._templates.get(channel.choice, {})
         document = {k: v for k, v in template.items() if k != "choices" and k != "usage"}
         choice: dict[str, Any] = {"index": channel.choice, "finish_reason": None}
-        if channel.field == "text":
+        if channel.kind == "text":
             choice["text"] = text
-        elif channel.field == "tool_call":
+        elif channel.kind == "tool_call":
             call = {"index": channel.tool_index, "function": {"arguments": text}}
             choice["delta"] = {"tool_calls": [call]}
         else:
-            choice["delta"] = {channel.field: text}
+            choice["delta"] = {channel.kind: text}
         document["choices"] = [choice]
         return b"data: " + orjson.dumps(document) + b"\n\n"
 

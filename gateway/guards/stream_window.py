@@ -61,7 +61,7 @@ class Channel:
     """One text channel of a stream (see the module docstring)."""
 
     choice: int
-    field: str
+    kind: str
     """``content``, ``reasoning_content``, ``reasoning``, ``text`` or ``tool_call``."""
     tool_index: int | None
     restorer: StreamRestorer
@@ -73,9 +73,9 @@ class Channel:
     """Ranges of ``raw`` replaced when released (sorted, disjoint)."""
 
     @classmethod
-    def open(cls, choice: int, field: str, tool_index: int | None, vault: PIIVault) -> Channel:
-        restorer = StreamRestorer(vault, json_string=field == "tool_call")
-        return cls(choice, field, tool_index, restorer)
+    def open(cls, choice: int, kind: str, tool_index: int | None, vault: PIIVault) -> Channel:
+        restorer = StreamRestorer(vault, json_string=kind == "tool_call")
+        return cls(choice, kind, tool_index, restorer)
 
     def append(self, text: str) -> tuple[int, int]:
         start = len(self.raw)
