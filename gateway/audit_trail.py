@@ -120,6 +120,7 @@ class AuditTrail:
             ttft_us=None if ttft is None else int(ttft * 1e6),
             guard=guard[:_GUARD_CHARS] or None,
             watermark=call.state.get(WATERMARK_STATE),
+            detail={"client_request_id": cid} if (cid := event.client_request_id) else None,
             payload=payload,
         )
         await self.record(record)

@@ -1,4 +1,11 @@
-"""Give every request an id, the client's own when it sent a sane one, and echo it."""
+"""Give every request a unique id of the gateway's, and keep the client's own apart.
+
+The gateway's id (``x-bastion-request-id``, 32 hex digits) names the request in the
+audit log, the request event, the logs and the upstream's ``x-request-id``: no two
+requests share it. A client's ``x-request-id``, when sane (at most 128 characters of
+``[A-Za-z0-9._:-]``), is kept as its own field and echoed back as ``x-request-id`` so the
+client can correlate; without one, ``x-request-id`` carries the gateway's id.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ import re
 from gateway.asgi import ASGIApp, Message, Receive, Scope, Send
 
 _SANE_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+GATEWAY_HEADER = b"x-bastion-request-id"
 
 
 class RequestIdMiddleware:
@@ -18,20 +26,21 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = b""
+        client_id = b""
         for key, value in scope["headers"]:
             if key == b"x-request-id":
                 if _SANE_ID.fullmatch(value):
-                    request_id = value
+                    client_id = value
                 break
-        if not request_id:
-            request_id = os.urandom(16).hex().encode()
-        scope.setdefault("state", {})["request_id"] = request_id.decode()
-        header = (b"x-request-id", request_id)
+        request_id = os.urandom(16).hex().encode()
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id.decode()
+        state["client_request_id"] = client_id.decode() if client_id else None
+        headers = [(b"x-request-id", client_id or request_id), (GATEWAY_HEADER, request_id)]
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), header]
+                message["headers"] = [*message.get("headers", ()), *headers]
             await send(message)
 
         await self.app(scope, receive, send_with_id)

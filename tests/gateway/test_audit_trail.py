@@ -47,6 +47,12 @@ def audited_gateway(pool: ProcessPool, tmp_path: Path, database_url: str, **extr
     return gateway, upstream, signing
 
 
+def client_request_id(entry: Any) -> str | None:
+    """The ``x-request-id`` the client sent (the entry's request id is the gateway's)."""
+    found: str | None = json.loads(entry.detail or "{}").get("client_request_id")
+    return found
+
+
 def reader(database_url: str) -> tuple[Engine, AuditReader]:
     engine = make_engine(database_url)
     return engine, AuditReader(engine, KeyRing(engine, MASTER_KEY))
@@ -101,7 +107,7 @@ def test_every_call_leaves_one_entry_with_its_payload_sealed(
 
     engine, audit = reader(database_url)
     try:
-        found = {e.request_id: e for e in audit.entries(limit=100)}
+        found = {client_request_id(e): e for e in audit.entries(limit=100)}
         assert {"req-whole", "req-stream", "req-404"} <= set(found)
         entry = found["req-whole"]
         assert (entry.kind, entry.status, entry.model, entry.route) == (
@@ -173,7 +179,7 @@ def test_nothing_a_client_saw_completed_is_lost_to_sigkill(
 
     engine, audit = reader(database_url)
     try:
-        recorded = {e.request_id for e in audit.entries(kinds=["request"], limit=100_000)}
+        recorded = {client_request_id(e) for e in audit.entries(kinds=["request"], limit=100_000)}
     finally:
         engine.dispose()
     lost = [rid for rid in completed if rid not in recorded]

@@ -77,7 +77,9 @@ def test_round_trip_from_a_gateway_verifies_offline(
     files = read_bundle(bundle)
     entries = [orjson.loads(line) for line in files["entries.jsonl"].splitlines()]
     calls = [e for e in entries if e["kind"] == "request"]
-    assert {e["request_id"] for e in calls} == {f"exp-{n}" for n in range(5)}
+    sent = {json.loads(e["detail"])["client_request_id"] for e in calls}
+    assert sent == {f"exp-{n}" for n in range(5)}
+    assert len({e["request_id"] for e in calls}) == 5  # the gateway's own, one per call
     assert calls[0]["payload"]["request"]["messages"][0]["content"].startswith(CANARY)
     manifest = json.loads(files["manifest.json"])
     assert manifest["query"]["reason"] == "DSAR 17"
@@ -105,7 +107,7 @@ def test_tampering_is_detected(
     files = read_bundle(bundle)
     public_key = signing
     if tampering == "byte":
-        files["entries.jsonl"] = flip_byte(files["entries.jsonl"], b'"request_id":"exp-2')
+        files["entries.jsonl"] = flip_byte(files["entries.jsonl"], b"client_request_id")
         expected = "entries.jsonl: its SHA-256 does not match the manifest"
     elif tampering == "line":
         kept = files["entries.jsonl"].splitlines(keepends=True)

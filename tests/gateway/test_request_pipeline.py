@@ -20,7 +20,7 @@ from gateway.json_depth import check_json_depth
 from gateway.pipeline import CallContext, CallSinks, run_filters
 from gateway.rbac import Principal
 from monitors.request_event import RequestEvent
-from tests.gateway.test_audit_trail import audited_gateway, reader
+from tests.gateway.test_audit_trail import audited_gateway, client_request_id, reader
 from tests.support import ProcessPool, assert_openai_error, chat_body, sse_data
 
 
@@ -168,7 +168,7 @@ def test_deep_json_is_refused_before_forwarding_and_every_call_is_recorded(
         assert sse_data(r.iter_lines())[-1] == "[DONE]"
     engine, audit = reader(database_url)
     try:
-        (entry,) = [e for e in audit.entries(limit=100) if e.request_id == "deep-ok"]
+        (entry,) = [e for e in audit.entries(limit=100) if client_request_id(e) == "deep-ok"]
         assert entry.status == 200
         assert audit.payload(entry)["request"]["x"] == nested(60)
     finally:
@@ -192,7 +192,7 @@ def test_refused_calls_keep_a_digest_not_the_body(pool: ProcessPool, tmp_path: P
     assert grown < 1024 * 1024, f"60 refused 4 MB bodies added {grown} bytes"
     engine, audit = reader(f"sqlite:///{database}")
     try:
-        (entry,) = [e for e in audit.entries(limit=200) if e.request_id == "refused-0"]
+        (entry,) = [e for e in audit.entries(limit=200) if client_request_id(e) == "refused-0"]
         payload = audit.payload(entry)
         assert entry.status == 404 and "request" not in payload
         assert len(payload["request_sha256"]) == 64 and payload["request_bytes"] > 4_000_000
