@@ -28,97 +28,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import orjson
 
 from monitors import metrics
-from monitors.events.cluster import (
-    Cluster,
-    ClusterForbidden,
-    ClusterRejected,
-    ClusterUnavailable,
-)
+from monitors.events.cluster import Cluster, ClusterRejected, ClusterUnavailable
+from monitors.events.delivery import Delivery, Item, OnceLog, ShipperStats
 from monitors.events.ecs import document_id, to_document
 from monitors.events.settings import ClusterAuth, EventSettings, cluster_auth
 from monitors.events.spool import Spool, SpoolBatch
-from monitors.events.templates import daily_index
 from monitors.request_event import RequestEvent
 
 log = logging.getLogger("bastion.events")
 
-_ATTEMPTS = 3
-_RETRY_BASE_S = 0.2
-_PAUSE_MAX_S = 30.0
-_SETUP_EVERY_S = 300.0
 _ORPHAN_SCAN_EVERY_S = 10.0
-
-# bastion_events_failed_total{reason}: the bulk item's error type when it is one of
-# these, "other" otherwise (label values stay bounded), "request_rejected" when the
-# cluster refused the whole request.
-_KNOWN_ERRORS = frozenset(
-    {
-        "mapper_parsing_exception",
-        "strict_dynamic_mapping_exception",
-        "document_parsing_exception",
-        "illegal_argument_exception",
-        "index_not_found_exception",
-        "cluster_block_exception",
-        "index_closed_exception",
-        "invalid_index_name_exception",
-        "security_exception",
-        "action_request_validation_exception",
-    }
-)
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
-
-
-def _redact(reason: str) -> str:
-    """A cluster's reason without the values it quotes (they may be personal data)."""
-    reason = reason.split("Preview of field")[0]
-    return _QUOTED.sub("…", reason).strip()
-
-
-@dataclass(slots=True)
-class _Item:
-    """One rendered document: what a bulk line and a spool record are made of."""
-
-    time_us: int
-    doc_id: str
-    source: bytes
-
-    def record(self) -> tuple[int, bytes]:
-        return self.time_us, self.doc_id.encode() + b"\n" + self.source
-
-    @classmethod
-    def from_record(cls, time_us: int, payload: bytes) -> _Item:
-        doc_id, _, source = payload.partition(b"\n")
-        return cls(time_us, doc_id.decode(), source)
-
-
-@dataclass
-class ShipperStats:
-    """Counters since start (this process); the metrics module reads them."""
-
-    offered: int = 0
-    sent: int = 0
-    duplicates: int = 0
-    """Refused as already indexed (``_id`` seen before): a replay of something delivered."""
-    failed: dict[str, int] = field(default_factory=dict)
-    """Documents refused for good, by reason: mapping, index, rejected, other."""
-    retried: int = 0
-    """Documents sent again after a 429, a timeout or a connection error."""
-    spooled: int = 0
-    overflowed: int = 0
-    """Offered while the memory queue was full: written straight to the spool."""
-    dropped: int = 0
-    """Lost because the spool was full: its oldest segment was dropped."""
-    lost: int = 0
-    """Lost because neither the queue nor the spool could take them (disk error)."""
 
 
 class EventShipper:
@@ -142,17 +68,14 @@ class EventShipper:
         self._queue: asyncio.Queue[RequestEvent | None] = asyncio.Queue(settings.queue_size)
         self._spool: Spool | None = None
         self._adopted: list[Spool] = []
-        self._cluster: Cluster | None = None
+        self._delivery: Delivery | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._unsynced = False
         self._ship_lock = asyncio.Lock()
-        self._down_until = 0.0
-        self._pause = 0.0
-        self._setup_at: float | None = None  # monotonic time of the last check; None: due
         self._orphans_at = 0.0
-        self._logged: set[str] = set()
-        self._in_flight: list[_Item] = []  # a live batch being sent (spooled if cancelled)
+        self._log_once = OnceLog()
+        self._in_flight: list[Item] = []  # a live batch being sent (spooled if cancelled)
 
     # the request path ------------------------------------------------------------------
 
@@ -194,7 +117,8 @@ class EventShipper:
         """Open this process's spool and start shipping in the background."""
         s = self.settings
         self._spool = await asyncio.to_thread(Spool.create, s.spool_dir, s.spool_max_bytes)
-        self._cluster = Cluster(s, self._auth, transport=self._transport)
+        cluster = Cluster(s, self._auth, transport=self._transport)
+        self._delivery = Delivery(s, cluster, self.stats, self._log_once)
         self._task = asyncio.create_task(self._run(), name="bastion-events")
 
     async def stop(self) -> None:
@@ -217,8 +141,8 @@ class EventShipper:
         for spool in [*self._adopted, *([self._spool] if self._spool else [])]:
             await asyncio.to_thread(spool.close)
         self._adopted.clear()
-        if self._cluster is not None:
-            await self._cluster.aclose()
+        if self._delivery is not None:
+            await self._delivery.cluster.aclose()
 
     def _drain_queue(self) -> list[RequestEvent | None]:
         items = []
@@ -243,7 +167,7 @@ class EventShipper:
 
     async def _turn(self) -> bool:
         """One batch in, one batch of replay out; True when stopping is done."""
-        replaying = self._spool_events() > 0 and self._cluster_up()
+        replaying = self._spool_events() > 0 and self._up()
         events = await self._collect(0.0 if replaying else self.settings.flush_interval_s)
         if self._unsynced and self._spool is not None:
             self._unsynced = False
@@ -251,7 +175,7 @@ class EventShipper:
         async with self._ship_lock:
             if events:
                 items = [self._render(e) for e in events]
-                if self._spool_events() == 0 and self._cluster_up():
+                if self._spool_events() == 0 and self._up():
                     self._in_flight = items
                     leftover = await self._ship(items)
                     self._in_flight = []
@@ -261,7 +185,7 @@ class EventShipper:
             if self._stopping:
                 self._publish_gauges()
                 return True
-            if self._cluster_up():
+            if self._up():
                 await self._replay_one()
         self._publish_gauges()
         return False
@@ -285,107 +209,22 @@ class EventShipper:
                 events.append(event)
         return events
 
-    def _render(self, event: RequestEvent) -> _Item:
+    def _render(self, event: RequestEvent) -> Item:
         doc = to_document(event, self.settings)
-        return _Item(event.time_us, document_id(event), orjson.dumps(doc))
+        return Item(event.time_us, document_id(event), orjson.dumps(doc))
 
-    def _target(self, item: _Item) -> str:
-        assert self._cluster is not None
-        if self._cluster.data_stream:
-            return self.settings.data_stream
-        return daily_index(self.settings, item.time_us)
+    @property
+    def delivery(self) -> Delivery:
+        """The cluster side (after :meth:`start`): ``delivery.cluster``, ``down_until``."""
+        if self._delivery is None:
+            raise RuntimeError("the shipper has not started")
+        return self._delivery
 
-    def _cluster_up(self) -> bool:
-        return time.monotonic() >= self._down_until
+    def _up(self) -> bool:
+        return self._delivery is not None and self._delivery.up()
 
-    def _mark_down(self, reason: str) -> None:
-        self._pause = min(max(self._pause * 2, 1.0), _PAUSE_MAX_S)
-        self._down_until = time.monotonic() + self._pause
-        self._setup_at = None  # a cluster that comes back may have lost the template
-        self._log_once(f"down:{reason.split(':')[0]}", "event cluster unavailable: %s", reason)
-
-    def _mark_up(self) -> None:
-        if self._pause:
-            log.info("event cluster reachable again")
-            self._logged = {k for k in self._logged if not k.startswith("down:")}
-        self._pause = 0.0
-
-    async def _ensure_setup(self) -> None:
-        assert self._cluster is not None
-        now = time.monotonic()
-        if self._setup_at is not None and now - self._setup_at < _SETUP_EVERY_S:
-            return
-        try:
-            report = await self._cluster.ensure_setup()
-        except ClusterRejected as exc:
-            # Our template or policy refused: shipping into indices without our mapping
-            # would create them with guessed types, so hold the events in the spool
-            # (bounded, visible in the spool metrics) until an operator fixes it.
-            self._log_once("setup-rejected", "event index setup refused: %s", exc)
-            raise ClusterUnavailable(f"setup refused: {exc}") from exc
-        except ClusterForbidden as exc:
-            # A least-privilege writer may index without being allowed to read templates
-            # or policies: ship anyway, and say once who should run the setup.
-            self._setup_at = now
-            self._log_once(
-                "setup-forbidden",
-                "cannot check the event index template (%s): run `bastion events setup` "
-                "with a credential that may manage templates and lifecycle policies",
-                exc,
-            )
-            return
-        self._setup_at = now
-        if report.template != "present" or report.lifecycle not in ("present", "unavailable"):
-            log.info("event index setup: %s", "; ".join(report.lines()))
-        for note in report.notes:
-            self._log_once(f"setup:{note[:20]}", "event cluster: %s", note)
-
-    async def _ship(self, items: list[_Item]) -> list[_Item]:
-        """Send items; return those still undelivered (to spool). Never raises."""
-        assert self._cluster is not None
-        pending = items
-        started = time.monotonic()
-        for attempt in range(_ATTEMPTS):
-            if attempt:
-                self.stats.retried += len(pending)
-                metrics.EVENTS_RETRIED.inc(len(pending))
-                await asyncio.sleep(_RETRY_BASE_S * 2 ** (attempt - 1))
-            try:
-                await self._ensure_setup()
-                outcome = await self._cluster.bulk(
-                    [(self._target(i), i.doc_id, i.source) for i in pending]
-                )
-            except ClusterUnavailable as exc:
-                if attempt + 1 == _ATTEMPTS or time.monotonic() - started > self.settings.timeout_s:
-                    self._mark_down(str(exc))
-                    return pending
-                continue
-            except ClusterRejected as exc:
-                self._fail("request_rejected", len(pending), f"request refused: {exc}")
-                return []
-            self._mark_up()
-            self.stats.sent += outcome.indexed
-            self.stats.duplicates += outcome.duplicates
-            metrics.EVENTS_SENT.inc(outcome.indexed + outcome.duplicates)
-            for _, kind, reason in outcome.failed:
-                label = kind if kind in _KNOWN_ERRORS else "other"
-                self._fail(label, 1, f"{kind}: {_redact(reason)}")
-            pending = [pending[p] for p in outcome.retry]
-            if not pending:
-                return []
-        self._mark_down("429 from the cluster")
-        return pending
-
-    def _fail(self, reason: str, count: int, message: str) -> None:
-        self.stats.failed[reason] = self.stats.failed.get(reason, 0) + count
-        metrics.EVENTS_FAILED.labels(reason).inc(count)
-        kind = message.split(":")[0]
-        self._log_once(f"fail:{kind}", "event documents refused for good (%s): %s", reason, message)
-
-    def _log_once(self, key: str, message: str, *args: Any) -> None:
-        if key not in self._logged:
-            self._logged.add(key)
-            log.warning(message, *args)
+    async def _ship(self, items: list[Item]) -> list[Item]:
+        return await self.delivery.ship(items)
 
     # the spool ---------------------------------------------------------------------------
 
@@ -395,7 +234,7 @@ class EventShipper:
     def _spools(self) -> list[Spool]:
         return [*([self._spool] if self._spool else []), *self._adopted]
 
-    async def _to_spool(self, items: list[_Item]) -> None:
+    async def _to_spool(self, items: list[Item]) -> None:
         if not items:
             return
         assert self._spool is not None
@@ -415,7 +254,7 @@ class EventShipper:
             return
         batch: SpoolBatch = await asyncio.to_thread(spool.read, self.settings.batch_size)
         items = [
-            _Item.from_record(t, p) for t, p in zip(batch.times_us, batch.payloads, strict=True)
+            Item.from_record(t, p) for t, p in zip(batch.times_us, batch.payloads, strict=True)
         ]
         if items and await self._ship(items):
             return  # undelivered: they stay at the head of the spool
@@ -479,8 +318,7 @@ class EventShipper:
         shipped under an earlier configuration). ``cluster.error`` is set when the
         cluster could not be reached: the erasure is then incomplete there.
         """
-        if self._cluster is None:
-            raise RuntimeError("erase_subject before start()")
+        cluster = self.delivery.cluster  # raises before start()
         needle = b'"user":{"id":' + orjson.dumps(subject_id) + b"}"
 
         def matches(payload: bytes) -> bool:
@@ -501,14 +339,14 @@ class EventShipper:
                 for event in kept:
                     self._queue.put_nowait(event)
             spooled, spools = await asyncio.to_thread(self._purge_spools, matches)
-            cluster: dict[str, Any] = {"index_pattern": self.settings.index_pattern}
+            place: dict[str, Any] = {"index_pattern": self.settings.index_pattern}
             try:
-                cluster["deleted"] = await self._cluster.delete_by_query("user.id", subject_id)
+                place["deleted"] = await cluster.delete_by_query("user.id", subject_id)
             except (ClusterUnavailable, ClusterRejected) as exc:
-                cluster["deleted"] = None
-                cluster["error"] = str(exc)
+                place["deleted"] = None
+                place["error"] = str(exc)
         return {
-            "cluster": cluster,
+            "cluster": place,
             "spool": {"deleted": spooled, "spools": spools},
             "queue": {"deleted": queued},
         }

@@ -7,12 +7,12 @@ Layout of one spool directory (0700; every file 0600)::
     00000000000000000001.seg   append-only segments of records, oldest first
     cursor                     "<segment> <offset>": where replay resumes
 
-A record is ``<u32 body length><u32 crc32(body)>`` then the body ``<u8 flags><i64 time_us>
-<payload>``. A torn record (a crash in the middle of a write) fails its length or CRC
-check; reading stops there and skips the rest of that segment, so nothing after a torn
-record is mistaken for data and nothing before it is lost. ``append(..., sync=True)``
-returns after ``fsync``: that is the moment a record is acknowledged, and from then on a
-SIGKILL or power loss does not lose it. A new segment's directory entry is fsync'd too.
+Records (:mod:`.spool_records`) carry a length and a CRC: a torn record (a crash in the
+middle of a write) fails the check; reading stops there and skips the rest of that
+segment, so nothing after it is mistaken for data and nothing before it is lost.
+``append(..., sync=True)`` returns after ``fsync``: that is the moment a record is
+acknowledged, and from then on a SIGKILL or power loss does not lose it. A new
+segment's directory entry is fsync'd too.
 
 The cursor is written without fsync: losing it means replaying documents the cluster
 already has, which their ``_id`` turns into harmless duplicates.
@@ -33,18 +33,14 @@ import contextlib
 import fcntl
 import os
 import secrets
-import struct
 import threading
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_HEAD = struct.Struct("<II")  # body length, crc32(body)
-_BODY = struct.Struct("<Bq")  # flags, time_us
-_ERASED = 1
+from monitors.events.spool_records import MAX_PAYLOAD, Record, encode, scan, tombstone
+
 _SUFFIX = ".seg"
-MAX_RECORD = 16 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -205,37 +201,21 @@ class Spool:
         self._recount()
         self._update_oldest()
 
-    def _scan(self, number: int, start: int) -> Iterator[tuple[int, int, int, int, bytes]]:
-        """(offset, end, flags, time_us, payload) of each intact record from ``start``."""
-        try:
-            handle = open(self.directory / _seg_name(number), "rb", buffering=1 << 16)  # noqa: SIM115
-        except FileNotFoundError:
-            return
-        with handle:
-            handle.seek(start)
-            offset = start
-            while head := handle.read(_HEAD.size):
-                if len(head) < _HEAD.size:
-                    self._torn.add(number)
-                    return
-                length, crc = _HEAD.unpack(head)
-                sane = _BODY.size <= length <= MAX_RECORD + _BODY.size
-                body = handle.read(length) if sane else b""
-                if len(body) != length or not body or zlib.crc32(body) != crc:
-                    self._torn.add(number)
-                    return
-                flags, time_us = _BODY.unpack_from(body)
-                end = offset + _HEAD.size + length
-                yield offset, end, flags, time_us, body[_BODY.size :]
-                offset = end
+    def _scan(self, number: int, start: int) -> Iterator[Record]:
+        """Each intact record of a segment from ``start``; remembers a torn tail."""
+        for record in scan(self.directory / _seg_name(number), start):
+            if record is None:
+                self._torn.add(number)
+                return
+            yield record
 
     def _update_oldest(self) -> None:
         self.oldest_time_us = None
         for number in sorted(self._segments):
             start = self._cursor[1] if number == self._cursor[0] else 0
-            for _, _, flags, time_us, _ in self._scan(number, start):
-                if not flags & _ERASED:
-                    self.oldest_time_us = time_us
+            for record in self._scan(number, start):
+                if not record.erased:
+                    self.oldest_time_us = record.time_us
                     return
 
     # writing --------------------------------------------------------------------------
@@ -250,11 +230,10 @@ class Spool:
             chunk: list[bytes] = []
             chunk_size = 0
             for time_us, payload in records:
-                if len(payload) > MAX_RECORD:
+                if len(payload) > MAX_PAYLOAD:
                     self.dropped += 1
                     continue
-                body = _BODY.pack(0, time_us) + payload
-                record = _HEAD.pack(len(body), zlib.crc32(body)) + body
+                record = encode(time_us, payload)
                 active = self._segments.get(self._next - 1) if self._active_fd is not None else None
                 if active is None or active.size + chunk_size + len(record) > self.segment_bytes:
                     self._write(chunk)
@@ -345,16 +324,16 @@ class Spool:
         with self._locked():
             for number in sorted(self._segments):
                 start = self._cursor[1] if number == self._cursor[0] else 0
-                for _, end, flags, time_us, payload in self._scan(number, start):
+                for record in self._scan(number, start):
                     full = len(batch.payloads) >= max_records
-                    if full or (size and size + len(payload) > max_bytes):
+                    if full or (size and size + len(record.payload) > max_bytes):
                         return batch
                     batch.passed[number] = batch.passed.get(number, 0) + 1
-                    batch.end = (number, end)
-                    if not flags & _ERASED:
-                        batch.payloads.append(payload)
-                        batch.times_us.append(time_us)
-                        size += len(payload)
+                    batch.end = (number, record.end)
+                    if not record.erased:
+                        batch.payloads.append(record.payload)
+                        batch.times_us.append(record.time_us)
+                        size += len(record.payload)
             if not batch.passed and self.events:
                 self._forget_unreadable()
         return batch
@@ -417,17 +396,16 @@ class Spool:
             )
             for number in numbers:
                 hits = [
-                    (offset, time_us, len(payload))
-                    for offset, _, flags, time_us, payload in self._scan(number, 0)
-                    if not flags & _ERASED and matches(payload)
+                    record
+                    for record in self._scan(number, 0)
+                    if not record.erased and matches(record.payload)
                 ]
                 if not hits:
                     continue
                 fd = os.open(self.directory / _seg_name(number), os.O_WRONLY)
                 try:
-                    for offset, time_us, size in hits:
-                        body = _BODY.pack(_ERASED, time_us) + bytes(size)
-                        os.pwrite(fd, _HEAD.pack(len(body), zlib.crc32(body)) + body, offset)
+                    for record in hits:
+                        os.pwrite(fd, tombstone(record), record.offset)
                     os.fsync(fd)
                 finally:
                     os.close(fd)

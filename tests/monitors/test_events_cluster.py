@@ -313,7 +313,7 @@ async def test_erasure_in_the_cluster_and_in_every_spool(server: Server, tmp_pat
         shipper.offer(event)
     await until(lambda: shipper.stats.sent == 40)
 
-    shipper._down_until = time.monotonic() + 3600  # cluster "down": the next ones spool
+    shipper.delivery.down_until = time.monotonic() + 3600  # cluster "down": the next ones spool
     for i, event in enumerate(numbered(10, start=40)):
         event.subject_id = "alice" if i % 2 else "bob"
         shipper.offer(event)
@@ -321,7 +321,7 @@ async def test_erasure_in_the_cluster_and_in_every_spool(server: Server, tmp_pat
     # another live worker's spool, with alice in it too
     other = EventShipper(settings)
     await other.start()
-    other._down_until = time.monotonic() + 3600
+    other.delivery.down_until = time.monotonic() + 3600
     for event in numbered(4, start=50, subject_id="alice"):
         other.offer(event)
     await until(lambda: other.stats.spooled == 4)
@@ -336,7 +336,8 @@ async def test_erasure_in_the_cluster_and_in_every_spool(server: Server, tmp_pat
             5 if directory == shipper._spool.directory else 0
         )
 
-    shipper._down_until = other._down_until = 0.0  # back: bob's spooled events arrive
+    # the cluster is back: bob's spooled events arrive
+    shipper.delivery.down_until = other.delivery.down_until = 0.0
     await until(lambda: shipper.stats.sent == 45)
     await shipper.stop()
     await other.stop()
@@ -389,8 +390,7 @@ async def test_a_writer_without_setup_privileges_still_ships(
     writer = WriterOnly()
     shipper = EventShipper(settings, transport=writer)
     await shipper.start()
-    assert shipper._cluster is not None
-    shipper._cluster.data_stream = False  # osmem: daily indices (the writer cannot ask)
+    shipper.delivery.cluster.data_stream = False  # osmem: daily indices (the writer cannot ask)
     with caplog.at_level(logging.WARNING, logger="bastion.events"):
         for event in numbered(20):
             shipper.offer(event)
