@@ -17,7 +17,8 @@ the ``_id`` (the gateway request id) makes a document sent twice a refused dupli
 Per-document errors other than 429 are final: counted by reason and logged once per
 error type (never with the document). Before the first bulk, after the cluster was
 unreachable, and every five minutes, the shipper checks the index template and lifecycle
-policy and installs them when missing (a restarted cluster may have lost them).
+policy and installs them when missing (a restarted cluster may have lost them). That
+side lives in :mod:`.delivery`.
 
 Several worker processes: each has its own spool directory under ``spool_dir``; a live
 shipper adopts and replays the spool of a process that died (see :mod:`.spool`).

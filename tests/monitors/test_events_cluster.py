@@ -471,3 +471,25 @@ async def test_a_frozen_cluster_times_out_and_nothing_is_indexed_twice(
     # The held request was answered after its timeout: its documents came back from
     # the spool as refused duplicates, not as second copies.
     assert shipper.stats.sent + shipper.stats.duplicates == 600
+
+
+async def test_erasure_without_subject_ids_still_cleans_earlier_documents(
+    server: Server, tmp_path: Path
+) -> None:
+    before = EventShipper(settings_for(server, tmp_path, include_subject=True))
+    await before.start()
+    for event in numbered(6, subject_id="carol"):
+        before.offer(event)
+    await until(lambda: before.stats.sent == 6)
+    await before.stop()
+    # reconfigured: subject ids no longer shipped, so new documents cannot name carol
+    now = EventShipper(settings_for(server, tmp_path, include_subject=False))
+    await now.start()
+    for event in numbered(4, start=6, subject_id="carol"):
+        now.offer(event)
+    await until(lambda: now.stats.sent == 4)
+    receipt = await now.erase_subject("carol")
+    await now.stop()
+    assert receipt["cluster"]["deleted"] == 6 and receipt["spool"]["deleted"] == 0
+    docs = server.docs()
+    assert len(docs) == 4 and all("user" not in d for d in docs)
