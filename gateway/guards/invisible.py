@@ -4,7 +4,8 @@ llm-guard's InvisibleText bans only the categories Cf, Co and Cn, so variation s
 (Mn), Hangul fillers (Lo) and supplementary variation selectors pass it. This scanner
 catches, and redaction strips:
 
-* tag characters U+E0000-E007F (they spell ASCII invisibly: "ASCII smuggling");
+* tag characters U+E0000-E007F (they spell ASCII invisibly: "ASCII smuggling"), except
+  in the subdivision flags of Unicode's emoji tag sequences (England, Scotland, Wales);
 * variation selectors U+FE00-FE0F and U+E0100-E01EF, except a single U+FE0E/U+FE0F right
   after a character that has a text/emoji presentation (an emoji such as U+2764 U+FE0F);
 * Hangul fillers (U+115F, U+1160, U+3164, U+FFA0), which render as blank;
@@ -36,6 +37,9 @@ _PRIVATE = "\ue000-\uf8ff\U000f0000-\U000ffffd\U00100000-\U0010fffd"
 
 # One pass finds every candidate; the cheap test first keeps clean text at one regex scan.
 _CANDIDATE = re.compile(f"[{_TAGS}{_VS}{_FILLERS}{_BIDI}{_MARKS}{_ZERO_WIDTH}{_PRIVATE}]+")
+# Subdivision flags (England, Scotland, Wales) are the one legitimate use of tag
+# characters: a black flag, two to six tag letters or digits, a cancel tag.
+_FLAG = re.compile("\U0001f3f4[\U000e0030-\U000e0039\U000e0061-\U000e007a]{2,6}\U000e007f")
 _RTL_LETTER = re.compile("[\u0590-\u08ff\ufb1d-\ufdff\ufe70-\ufefc]")
 # Scripts where ZWNJ/ZWJ change how letters join (Arabic, Syriac, Indic, Sinhala...).
 _JOINING_SCRIPT = re.compile("[\u0600-\u08ff\u0900-\u0dff\ufb50-\ufdff\ufe70-\ufefc]")
@@ -80,10 +84,16 @@ class InvisibleTextScanner:
             return None
         spans: list[Span] = []
         rtl: bool | None = None
+        flags: set[int] = set()
+        if "\U0001f3f4" in text:
+            for flag in _FLAG.finditer(text):
+                flags.update(range(flag.start(), flag.end()))
         for match in _CANDIDATE.finditer(text):
             start, end = match.span()
             for i in range(start, end):
                 char = text[i]
+                if i in flags:
+                    continue
                 label = _label(char)
                 if label == "bidi_control" and char in _MARKS:
                     if rtl is None:

@@ -33,6 +33,7 @@ SMUGGLED = [
     "\u115f\u1160",  # Hangul choseong/jungseong fillers
     "secret\ue000",  # private use
     "plain english\u200f text",  # right-to-left mark in text with no RTL letters
+    "\U0001f3f4\U000e0069\U000e0067\U000e006e\U000e006f\U000e0072\U000e0065 all",  # no cancel
 ]
 CLEAN = [
     "Family: \U0001f468\u200d\U0001f469\u200d\U0001f467\u200d\U0001f466",  # emoji ZWJ sequence
@@ -43,6 +44,8 @@ CLEAN = [
     "\u05e9\u05dc\u05d5\u05dd \u200f\u05e2\u05d5\u05dc\u05dd",  # Hebrew with an RLM
     "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # Persian with a ZWNJ
     "Plain ASCII text.",
+    "Go \U0001f3f4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f!",  # England
+    "Keycap 1\ufe0f\u20e3 and flag \U0001f1e9\U0001f1ea",
     "Caf\u00e9 na\u00efve \u65e5\u672c\u8a9e",
 ]
 
