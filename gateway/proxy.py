@@ -13,6 +13,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import orjson
+
 from gateway.asgi import (
     RAW_HEADERS,
     DisconnectGuard,
@@ -26,6 +28,7 @@ from gateway.errors import (
     NoHealthyUpstream,
     UpstreamFailed,
     UpstreamTimeout,
+    error_body,
     sse_error_event,
 )
 from gateway.pipeline import CallContext, CallSinks, run_filters
@@ -181,7 +184,10 @@ class Forwarder:
         outcome.status, outcome.upstream = response.status, upstream.name
         outcome.usage = usage_of_body(answer) if response.status == 200 else None
         note_usage(call, outcome.usage)
-        if response.status == 200 and call.filters:
+        content_type = response.content_type
+        if response.status >= 400:
+            answer, content_type = openai_error(response.status, answer), "application/json"
+        elif response.status == 200 and call.filters:
             try:
                 answer = await run_filters(call.filters, answer, last=True)
             except GatewayError:
@@ -189,7 +195,7 @@ class Forwarder:
                 raise
         call.answer = answer
         headers = [
-            (b"content-type", response.content_type.encode()),
+            (b"content-type", content_type.encode()),
             (b"content-length", str(len(answer)).encode()),
             *self.response_headers(call, upstream),
         ]
@@ -211,6 +217,8 @@ class Forwarder:
             answer = await response.read()
             call.upstream_ended = time.perf_counter()
             upstream.breaker.record_success()
+            if response.status >= 400:
+                answer = openai_error(response.status, answer)
             call.answer = answer
             await self._sinks.complete(call, response.status)
             await send_json(
@@ -282,6 +290,22 @@ class Forwarder:
             await send({"type": "http.response.body", "body": sse_error_event(exc)})
         finally:
             await response.close()
+
+
+def openai_error(status: int, body: bytes) -> bytes:
+    """An upstream's error answer in OpenAI's error shape (vLLM's own 404 is not)."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        document = None
+    if isinstance(document, dict) and isinstance(document.get("error"), dict):
+        return body
+    detail = document.get("detail") if isinstance(document, dict) else None
+    if not isinstance(detail, str):
+        detail = body[:200].decode("utf-8", "replace").strip() or "no detail"
+    kind = "invalid_request_error" if status < 500 else "upstream_error"
+    message = f"The upstream answered {status}: {detail}"
+    return error_body(message, kind, f"upstream_{status}")
 
 
 def note_usage(call: CallContext, usage: Usage | None) -> None:

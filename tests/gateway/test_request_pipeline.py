@@ -226,3 +226,44 @@ def test_the_key_tier_decides_priority_not_the_client(pool: ProcessPool, tmp_pat
         r = gateway.http.post("/v1/chat/completions", json=body, headers=bearer(key))
         assert r.status_code == 200, r.text
         assert upstream.stats()["last_body"]["priority"] == expected
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "message"),
+    [
+        (404, b'{"detail":"Not Found"}', "The upstream answered 404: Not Found"),
+        (400, b"bad things", "The upstream answered 400: bad things"),
+        (503, b"", "The upstream answered 503: no detail"),
+    ],
+)
+def test_upstream_errors_reach_the_client_in_openai_shape(
+    status: int, body: bytes, message: str
+) -> None:
+    from gateway.proxy import openai_error
+
+    error = json.loads(openai_error(status, body))["error"]
+    assert error["message"] == message and error["code"] == f"upstream_{status}"
+    assert error["type"] == ("invalid_request_error" if status < 500 else "upstream_error")
+    shaped = b'{"error": {"message": "m", "type": "t", "code": "c"}}'
+    assert openai_error(404, shaped) == shaped  # already OpenAI's: passed as it is
+
+
+def test_two_calls_with_one_client_id_get_two_gateway_ids(
+    pool: ProcessPool, tmp_path: Path
+) -> None:
+    database_url = f"sqlite:///{tmp_path / 'bastion.db'}"
+    gateway, _, _ = audited_gateway(pool, tmp_path, database_url)
+    ids = set()
+    for _ in range(2):
+        r = gateway.http.post(
+            "/v1/chat/completions", json=chat_body(), headers={"x-request-id": "same"}
+        )
+        assert r.headers["x-request-id"] == "same"
+        ids.add(r.headers["x-bastion-request-id"])
+    assert len(ids) == 2
+    engine, audit = reader(database_url)
+    try:
+        entries = [e for e in audit.entries(limit=10) if client_request_id(e) == "same"]
+        assert {e.request_id for e in entries} == ids
+    finally:
+        engine.dispose()
