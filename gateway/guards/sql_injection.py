@@ -32,7 +32,7 @@ from gateway.guards.scanner import Finding, ScanContext, Span
 _KEYWORDS = r"(?:or|and|union|having|order\s+by|group\s+by|;|--|#|/\*|\|\|)"
 _QUOTE_BREAK = re.compile(r"(['\"`])\s*\)*\s*" + _KEYWORDS + r"(?![a-z])", re.IGNORECASE)
 _NUMERIC = re.compile(
-    r"\b\d+\s*\)*\s+(?:(?:or|\|\|)\s+(?:[\w'\"]+\s*(?:=|<|>|like)\s*[\w'\"]+|true|not\s+false)"
+    r"\b\d+\s*\)*\s+(?:(?:or|\|\|)\s+\(?\s*(?:[\w'\"]+\s*(?:=|<|>|like)\s*[\w'\"]+|true|not\s+false)"
     r"|union\s+(?:all\s+)?select)",
     re.IGNORECASE,
 )
@@ -45,18 +45,24 @@ _STACKED = re.compile(
 _FUNCTIONS = re.compile(
     r"\b(?:sleep\s*\(\s*\d|pg_sleep\s*\(|benchmark\s*\(\s*\d|waitfor\s+delay\s+'|xp_cmdshell"
     r"|load_file\s*\(|into\s+(?:out|dump)file|utl_http|dbms_pipe|extractvalue\s*\(\s*\d"
-    r"|updatexml\s*\(\s*\d)",
+    r"|updatexml\s*\(\s*\d|@@version|convert\s*\(\s*int\s*,|concat\s*\(\s*0x)",
     re.IGNORECASE,
 )
 # Substring tests on the lower-cased text (C speed) decide which expressions run at all.
 _FUNCTION_WORDS = (
     "sleep", "benchmark", "waitfor", "xp_", "load_file", "outfile", "dumpfile", "utl_",
-    "dbms_", "extractvalue", "updatexml",
+    "dbms_", "extractvalue", "updatexml", "@@version", "convert(", "concat(",
 )  # fmt: skip
 _DISCUSSION = re.compile(
     r"(?i)\b(?:sql[\s-]*injection|sqli|injection attacks?|vulnerab\w*|parameteri[sz]\w*"
     r"|prepared statements?|sanitiz\w*|escap\w+|owasp|code review|review (?:this|my|the)"
-    r"|is (?:this|it) (?:safe|secure)|explain|review|pull request|migration)\b"
+    r"|is (?:this|it) (?:safe|secure)|explain|review|pull request|migration|pentest|payloads?"
+    r"|unit test|how (?:do|can|should) (?:we|i) (?:fix|prevent|stop))\b"
+)
+# Words that only someone discussing or defending against SQL injection uses.
+_NAMES_THE_ATTACK = re.compile(
+    r"(?i)sql[\s-]*injection|sqli\b|injection|vulnerab|pentest|penetration test|payloads?\b"
+    r"|parameteri[sz]|prepared statement|sanitiz|unit test|owasp|\bwaf\b"
 )
 _CODE_SPAN = re.compile(r"```[\s\S]*?(?:```|$)|`[^`\n]+`")
 _WORD_APOSTROPHE = re.compile(r"(?<=[^\W\d_])['\u2019](?=[^\W\d_])")
@@ -123,23 +129,44 @@ def _parses(sql: str) -> str | None:
     return None
 
 
+def _variants(payload: str, quote: str | None) -> list[str]:
+    """The payload as written, without what closes the sentence or the JSON around it,
+    and without the quote that closes the value it was written in."""
+    out = [payload]
+    bare = payload.rstrip(".,!?;:}])\"'" if quote is None else ".,!?;:}]")
+    if bare != payload:
+        out.append(bare)
+    if quote is not None and bare.endswith(quote) and len(bare) > 1:
+        out.append(bare[:-1])
+    return out
+
+
 def _breaks_out(text: str, start: int, quote: str | None) -> str | None:
-    """Whether ``text[start:]``, put in a query as a value, changes that query."""
+    """Whether ``text[start:]``, put in a query as a value, changes that query.
+
+    The value sits in ``WHERE c = <value> AND d = 'w'``, or in ``WHERE (c = <value> AND
+    d = 'w')`` for payloads that close a parenthesis."""
     line_end = text.find("\n", start)
     tail = text[start : line_end if line_end >= 0 else len(text)][:240]
     words = tail.split(" ")
     # The payload may be followed by prose; try it whole, then shorter, a word at a time.
     for cut in range(len(words), 0, -1):
-        payload = " ".join(words[:cut]).rstrip(".,!?")
+        payload = " ".join(words[:cut])
         if not payload.strip():
             break
-        if quote in _TEMPLATE_HEAD:
-            sql = _TEMPLATE_HEAD[quote] + payload + _TEMPLATE_TAIL[quote]
-        else:
-            sql = _NUMERIC_HEAD + payload + _NUMERIC_TAIL
-        found = _parses(sql)
-        if found is not None:
-            return found
+        for variant in _variants(payload, quote):
+            head, tail_sql = (
+                (_TEMPLATE_HEAD[quote], _TEMPLATE_TAIL[quote])
+                if quote in _TEMPLATE_HEAD
+                else (_NUMERIC_HEAD, _NUMERIC_TAIL)
+            )
+            templates = [(head, tail_sql)]
+            if ")" in variant:
+                templates.append((head.replace("WHERE ", "WHERE ("), tail_sql + ")"))
+            for before, after in templates:
+                found = _parses(before + variant + after)
+                if found is not None:
+                    return found
         if len(words) - cut >= 12:
             break
     return None
@@ -199,7 +226,7 @@ class SQLInjectionScanner:
 
 def _in_code_or_discussion(text: str, spans: list[Span]) -> bool:
     """Every payload sits in a code span, or the text names SQL injection outright."""
-    if re.search(r"(?i)sql[\s-]*injection|sqli\b|injection attack|vulnerab", text):
+    if _NAMES_THE_ATTACK.search(text):
         return True
     code = [m.span() for m in _CODE_SPAN.finditer(text)]
     return all(any(a <= s.start < b for a, b in code) for s in spans)
