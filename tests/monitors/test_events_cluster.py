@@ -28,7 +28,7 @@ from osmem_server import OsmemServer
 from prometheus_client import REGISTRY
 from typer.testing import CliRunner
 
-from monitors.events.cli import events_app
+from monitors.events.cli import events_app, make_events_app
 from monitors.events.cluster import Cluster
 from monitors.events.settings import ClusterAuth, EventSettings
 from monitors.events.shipper import EventShipper
@@ -493,3 +493,23 @@ async def test_erasure_without_subject_ids_still_cleans_earlier_documents(
     assert receipt["cluster"]["deleted"] == 6 and receipt["spool"]["deleted"] == 0
     docs = server.docs()
     assert len(docs) == 4 and all("user" not in d for d in docs)
+
+
+def test_cli_setup_reads_the_gateway_configuration(server: Server, tmp_path: Path) -> None:
+    config = tmp_path / "bastion.yaml"
+    config.write_text("events: {}\n")
+    seen: list[Path | None] = []
+
+    def loader(path: Path | None) -> EventSettings:
+        seen.append(path)
+        return EventSettings(url="http://127.0.0.1:9", retention_days=3, namespace="prod")
+
+    bastion = typer.Typer()
+    bastion.add_typer(make_events_app(loader), name="events")
+    result = CliRunner().invoke(
+        bastion, ["events", "setup", "--config", str(config), "--url", server.url]
+    )
+    assert result.exit_code == 0, result.output
+    assert seen == [config]
+    assert "NOT deleted after 3 days" in result.output, "retention from the configuration"
+    assert "logs-bastion.gateway-prod-YYYY.MM.DD" in result.output
