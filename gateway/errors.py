@@ -58,6 +58,11 @@ class Unauthorized(GatewayError):
     type = "invalid_request_error"
     code = "invalid_api_key"
 
+    def __init__(self, message: str, *, reason: str = "unknown") -> None:
+        super().__init__(message)
+        self.reason = reason
+        """Why, for the metrics: missing, malformed, unknown, revoked or expired."""
+
     def headers(self) -> list[tuple[bytes, bytes]]:
         return [(b"www-authenticate", b'Bearer realm="bastion"')]
 

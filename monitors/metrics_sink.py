@@ -181,7 +181,7 @@ class MetricsSink:
         if status == 429 and event.ratelimit == "limited":
             batch.inc(self._ratelimit(ratelimit_bucket(event), event.tier or m.NONE))
         elif status == 401 or status == 403:
-            reason = auth_failure_reason(status, event.error_type)
+            reason = event.auth_failure or auth_failure_reason(status, event.error_type)
             if reason is not None:
                 batch.inc(self._auth(reason))
         for verdict in event.guard_verdicts:

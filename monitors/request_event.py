@@ -82,6 +82,8 @@ class RequestEvent:
     status: int = 0
     error_type: str | None = None
     """The OpenAI error ``code`` (``rate_limit_exceeded``, ``invalid_api_key``...)."""
+    auth_failure: str | None = None
+    """Why a 401: missing, malformed, unknown, revoked or expired."""
     cut: CutReason | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None

@@ -78,17 +78,19 @@ class AuthenticationMiddleware:
         if header is not None:
             scheme, _, credential = header.partition(b" ")
             if scheme.lower() != b"bearer" or not credential.strip():
-                raise Unauthorized("The Authorization header must be 'Bearer <API key>'.")
+                raise Unauthorized(
+                    "The Authorization header must be 'Bearer <API key>'.", reason="malformed"
+                )
             try:
                 presented = credential.strip().decode("ascii")
             except UnicodeDecodeError:
-                raise Unauthorized("Malformed API key.") from None
+                raise Unauthorized("Malformed API key.", reason="malformed") from None
             now = time.time()
             checked = self._keys.check(presented, now)
             if checked is UNKNOWN_KEY:  # perhaps made a moment ago: the store is asked
                 raise _NotCached(presented, now)
             if isinstance(checked, str):
-                raise Unauthorized(f"Incorrect API key: {checked}.")
+                raise Unauthorized(f"Incorrect API key: {checked}.", reason=checked.split()[0])
             return checked
         if self._certificates:
             tls = scope.get("extensions", {}).get("tls") or {}
@@ -105,7 +107,8 @@ class AuthenticationMiddleware:
                 assert self._keys is not None
                 checked = await self._keys.check_missing(missing.presented, missing.now)
                 if isinstance(checked, str):
-                    raise Unauthorized(f"Incorrect API key: {checked}.") from None
+                    reason = checked.split()[0]
+                    raise Unauthorized(f"Incorrect API key: {checked}.", reason=reason) from None
                 principal = checked
             scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)
@@ -128,7 +131,8 @@ class Guarded:
             principal: Principal | None = scope["state"].get("principal")
             if principal is None:
                 raise Unauthorized(
-                    "You didn't provide an API key: send 'Authorization: Bearer <API key>'."
+                    "You didn't provide an API key: send 'Authorization: Bearer <API key>'.",
+                    reason="missing",
                 )
             if not principal.has(self.permission):
                 raise Forbidden(f"Your key's roles do not allow this ({self.permission}).")

@@ -12,7 +12,7 @@ import logging
 from starlette.exceptions import HTTPException
 
 from gateway.asgi import ASGIApp, ClientDisconnected, Message, Receive, Scope, Send, send_json
-from gateway.errors import GatewayError, MethodNotAllowed, NotFound, error_body
+from gateway.errors import GatewayError, MethodNotAllowed, NotFound, Unauthorized, error_body
 
 log = logging.getLogger("bastion.errors")
 
@@ -46,6 +46,8 @@ class ErrorMiddleware:
         except (GatewayError, HTTPException) as exc:
             error = exc if isinstance(exc, GatewayError) else _from_http_exception(exc)
             scope["state"]["error_code"] = error.code  # for the request event (observer)
+            if isinstance(error, Unauthorized):
+                scope["state"]["auth_failure"] = error.reason
             if started:
                 log.warning("error after the response started: %s", error.message)
                 return

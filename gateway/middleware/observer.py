@@ -63,6 +63,7 @@ class ObserverMiddleware:
             event.kind = "model_call"
         event.status = status
         event.error_type = state.get(ERROR_CODE)
+        event.auth_failure = state.get("auth_failure")
         event.bytes_out = sent
         event.duration_s = time.perf_counter() - started
         self._sinks.publish(event)

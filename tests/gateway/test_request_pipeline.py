@@ -267,3 +267,58 @@ def test_two_calls_with_one_client_id_get_two_gateway_ids(
         assert {e.request_id for e in entries} == ids
     finally:
         engine.dispose()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """A sample's value in Prometheus text (0 when absent)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        series, value = line.rsplit(" ", 1)
+        metric, _, rest = series.partition("{")
+        found = ",".join(sorted(rest.rstrip("}").split(","))) if rest else ""
+        if metric == name and found == wanted:
+            return float(value)
+    return 0.0
+
+
+def test_refusals_and_calls_reach_the_metrics(pool: ProcessPool, tmp_path: Path) -> None:
+    from tests.gateway.test_access import (
+        MASTER_KEY,
+        bearer,
+        make_key,
+        secure_settings,
+        wait_for_key,
+    )
+
+    upstream = pool.upstream("metrics-up", ["m1"])
+    gateway = pool.gateway(
+        [upstream], env={"BASTION_MASTER_KEY": MASTER_KEY}, **secure_settings(tmp_path / "b.db")
+    )
+    admin = make_key(gateway, "--role", "admin")["key"]
+    wait_for_key(gateway, admin)
+    http = gateway.http
+    http.post("/v1/chat/completions", json=chat_body("m1"))  # missing
+    http.post("/v1/chat/completions", json=chat_body("m1"), headers={"authorization": "Basic x"})
+    http.post("/v1/chat/completions", json=chat_body("m1"), headers=bearer("bst_" + "a" * 40))
+    for _ in range(3):
+        assert http.post("/v1/chat/completions", json=chat_body("m1"), headers=bearer(admin))
+    text = http.get("/metrics", headers=bearer(admin)).text
+    assert metric_value(text, "bastion_auth_failures_total", reason="missing") == 1
+    assert metric_value(text, "bastion_auth_failures_total", reason="malformed") >= 1
+    assert (
+        metric_value(
+            text,
+            "bastion_requests_total",
+            route="/v1/chat/completions",
+            model="m1",
+            status_class="2xx",
+        )
+        == 3
+    )
+    assert metric_value(text, "bastion_tokens_total", model="m1", type="output") > 0
+    duration = metric_value(
+        text, "bastion_request_duration_seconds_count", route="/v1/chat/completions", model="m1"
+    )
+    assert duration >= 3
