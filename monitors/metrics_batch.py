@@ -58,15 +58,17 @@ class MetricBatch:
     """Counter increments and histogram observations summed per child until :meth:`flush`.
 
     Children are prometheus_client labelled children (``metric.labels(...)``) or
-    label-less metrics; the batch keys its sums by the child object itself.
+    label-less metrics; the batch keys its sums by the child object itself. A histogram's
+    pending observations are its sum and a count per bucket index that was hit (few: a
+    series' observations cluster), so a flush touches only those buckets.
     """
 
-    __slots__ = ("_bounds", "_counters", "_histograms")
+    __slots__ = ("_counters", "_histograms")
 
     def __init__(self) -> None:
         self._counters: dict[Any, float] = {}
-        self._histograms: dict[Any, list[float]] = {}
-        self._bounds: dict[Any, list[float]] = {}
+        # child -> [sum, {bucket index: count}, the child's upper bounds]
+        self._histograms: dict[Any, list[Any]] = {}
 
     def __len__(self) -> int:
         return len(self._counters) + len(self._histograms)
@@ -78,17 +80,14 @@ class MetricBatch:
     def observe(self, histogram: Any, value: float) -> None:
         if value != value:  # NaN: no bucket would take it, and it would poison the sum
             return
-        acc = self._histograms.get(histogram)
-        if acc is None:
-            bounds = histogram._upper_bounds
-            self._bounds[histogram] = bounds
-            acc = self._histograms[histogram] = [0.0] * (len(bounds) + 1)
-            bounds_of = bounds
-        else:
-            bounds_of = self._bounds[histogram]
-        acc[0] += value
+        pending = self._histograms.get(histogram)
+        if pending is None:
+            pending = self._histograms[histogram] = [0.0, {}, histogram._upper_bounds]
+        pending[0] += value
         # bisect_left finds the first bound >= value: prometheus_client's `value <= bound`.
-        acc[bisect_left(bounds_of, value) + 1] += 1.0
+        index = bisect_left(pending[2], value)
+        counts = pending[1]
+        counts[index] = counts.get(index, 0) + 1
 
     def flush(self) -> None:
         """Write every sum into its metric (one write per touched series and bucket)."""
@@ -96,10 +95,8 @@ class MetricBatch:
         self._counters, self._histograms = {}, {}
         for counter, amount in counters.items():
             counter.inc(amount)
-        for histogram, acc in histograms.items():
-            histogram._sum.inc(acc[0])
+        for histogram, (total, counts, _) in histograms.items():
+            histogram._sum.inc(total)
             buckets = histogram._buckets
-            for index in range(1, len(acc)):
-                count = acc[index]
-                if count:
-                    buckets[index - 1].inc(count)
+            for index, count in counts.items():
+                buckets[index].inc(count)
