@@ -9,9 +9,11 @@ unverified without a real Elasticsearch).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -23,13 +25,14 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+import trustme
 import typer
 from osmem_server import OsmemServer
 from prometheus_client import REGISTRY
 from typer.testing import CliRunner
 
 from monitors.events.cli import events_app, make_events_app
-from monitors.events.cluster import Cluster
+from monitors.events.cluster import Cluster, ClusterUnavailable
 from monitors.events.settings import ClusterAuth, EventSettings
 from monitors.events.shipper import EventShipper
 from monitors.events.templates import MAPPINGS, TEMPLATE_VERSION, daily_index
@@ -513,3 +516,39 @@ def test_cli_setup_reads_the_gateway_configuration(server: Server, tmp_path: Pat
     assert seen == [config]
     assert "NOT deleted after 3 days" in result.output, "retention from the configuration"
     assert "logs-bastion.gateway-prod-YYYY.MM.DD" in result.output
+
+
+async def test_tls_with_the_configured_ca(server: Server, tmp_path: Path) -> None:
+    """The cluster behind TLS (a byte-for-byte TLS proxy in front of osmem): verified
+    with ``ca_file``, refused without it."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(context)
+    host, port = server.url.removeprefix("http://").split(":")
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    proxy = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+    url = f"https://localhost:{proxy.sockets[0].getsockname()[1]}"
+    try:
+        trusted = EventSettings(url=url, ca_file=tmp_path / "ca.pem")
+        async with Cluster(trusted, ClusterAuth("Basic dTpw")) as cluster:
+            report = await cluster.ensure_setup()
+        assert report.template == "installed"
+        async with Cluster(EventSettings(url=url), ClusterAuth()) as cluster:
+            with pytest.raises(ClusterUnavailable, match="ConnectError"):
+                await cluster.info()
+    finally:
+        proxy.close()
+        await proxy.wait_closed()
