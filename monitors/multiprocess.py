@@ -184,3 +184,12 @@ def render_metrics(accept: str | None = None) -> tuple[bytes, str]:
     """
     encoder, content_type = choose_encoder(accept or "")
     return encoder(exposition_registry()), content_type
+
+
+def sample_value(name: str, labels: dict[str, str] | None = None) -> float | None:
+    """One sample's value as a scrape would show it (every worker's sum), or None.
+
+    For code that reads a metric back (the AI Act report's watermark counts): the default
+    registry's ``get_sample_value`` would give only this worker's share.
+    """
+    return exposition_registry().get_sample_value(name, labels or {})

@@ -280,3 +280,20 @@ def test_a_real_prometheus_scrapes_the_listener_and_sees_the_sum(
         listener.close()
         for w in workers:
             w.exit()
+
+
+def test_sample_value_reads_the_sum_of_the_workers(
+    metrics_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from monitors import multiprocess
+
+    workers = [Worker(metrics_dir, count=3, in_flight=0, breaker="closed") for _ in range(2)]
+    try:
+        # As in a worker (multiprocess mode), which this test process is not.
+        monkeypatch.setattr(multiprocess, "multiprocess_enabled", lambda: True)
+        labels = {"route": CHAT, "model": "dev-model", "status_class": "2xx"}
+        assert multiprocess.sample_value("bastion_requests_total", labels) == 6
+        assert multiprocess.sample_value("bastion_requests_total", {"route": "x"}) is None
+    finally:
+        for w in workers:
+            w.exit()
