@@ -24,6 +24,20 @@ _REFUSAL = re.compile(
     r"|(?:this|that|your) request (?:violates|goes against|is against)"
     r"|i (?:can(?:no|')t|won'?t) (?:engage|participate) in)"
 )
+_REFUSAL_WORDS = (
+    "sorry",
+    "afraid",
+    "can't",
+    "can\u2019t",
+    "cannot",
+    "won't",
+    "won\u2019t",
+    "unable",
+    "decline",
+    "not able",
+    "request",
+    "as an ai",
+)
 REFUSAL_WINDOW = 400
 """Characters from the start of an answer in which a refusal phrase counts."""
 
@@ -32,7 +46,10 @@ class RefusalScanner:
     name = "refusal"
 
     def scan(self, text: str, context: ScanContext) -> Finding | None:
-        match = _REFUSAL.search(text[:REFUSAL_WINDOW].replace("\u2019", "'"))
+        head = text[:REFUSAL_WINDOW].lower()
+        if not any(word in head for word in _REFUSAL_WORDS):
+            return None  # the usual case, at the cost of a few substring tests
+        match = _REFUSAL.search(head.replace("\u2019", "'"))
         if match is None:
             return None
         return Finding(

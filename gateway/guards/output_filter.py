@@ -13,6 +13,7 @@ placeholders restored from its vault, and ``x-bastion-guard-output`` says what w
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
@@ -42,6 +43,9 @@ class OutputGuard:
             scanners if scanners is not None else build_default_output_scanners(settings)
         )
         self._pipelines: dict[tuple[object, ...], tuple[GuardPipeline, GuardPipeline]] = {}
+        self._executor = ThreadPoolExecutor(
+            settings.model_scanners.workers, thread_name_prefix="bastion-guard-out"
+        )
 
     def pipelines(
         self, roles: tuple[str, ...], key_id: str | None
@@ -60,8 +64,8 @@ class OutputGuard:
             window = [s for s in steps if not getattr(s.scanner, "whole_answer", False)]
             whole = [s for s in steps if getattr(s.scanner, "whole_answer", False)]
             found = (
-                GuardPipeline("output", window, timeout_s=timeout),
-                GuardPipeline("output", whole, timeout_s=timeout),
+                GuardPipeline("output", window, executor=self._executor, timeout_s=timeout),
+                GuardPipeline("output", whole, executor=self._executor, timeout_s=timeout),
             )
             self._pipelines[cache_key] = found
         return found
@@ -89,6 +93,10 @@ class OutputGuard:
         if call.stream:
             return StreamGuard(call, window, whole, context, vault, self.settings.stream)
         return WholeAnswerGuard(call, window, whole, context, vault)
+
+    def close(self) -> None:
+        """Stop the worker pool of model scanners (at shutdown)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 def wants_json(body: dict[str, Any]) -> bool:

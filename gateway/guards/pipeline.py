@@ -52,11 +52,14 @@ class Step:
     def name(self) -> str:
         return self.scanner.name
 
-    @property
-    def threshold(self) -> float:
-        if self.policy.threshold is not None:
-            return self.policy.threshold
-        return float(getattr(self.scanner, "default_threshold", DEFAULT_THRESHOLD))
+    threshold: float = field(init=False)
+    """The policy's threshold, else the scanner's own default (worked out once)."""
+
+    def __post_init__(self) -> None:
+        threshold = self.policy.threshold
+        if threshold is None:
+            threshold = float(getattr(self.scanner, "default_threshold", DEFAULT_THRESHOLD))
+        object.__setattr__(self, "threshold", threshold)
 
     def applies_to(self, role: str) -> bool:
         roles = self.policy.message_roles

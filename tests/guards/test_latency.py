@@ -45,17 +45,20 @@ def input_guard() -> InputGuard:
 
 async def test_input_pipeline_on_a_1000_token_prompt(input_guard: InputGuard) -> None:
     assert 950 <= estimate_tokens(PROMPT) <= 1100
-    samples = []
+    samples, cpu = [], []
     for i in range(300):
         call = make_call(chat(PROMPT))
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         await input_guard.check(call)
         if i >= 20:  # warm caches first
             samples.append(time.perf_counter() - started)
+            cpu.append(time.thread_time() - started_cpu)
     p50, p99 = statistics.median(samples), percentile(samples, 0.99)
     scanners = sorted(input_guard.scanners)
     print(
-        f"\ninput pipeline {scanners} 1,000 tokens: p50 {p50 * 1e3:.2f} ms p99 {p99 * 1e3:.2f} ms"
+        f"\ninput pipeline {scanners} 1,000 tokens: wall p50 {p50 * 1e3:.2f} ms "
+        f"p99 {p99 * 1e3:.2f} ms; CPU p50 {statistics.median(cpu) * 1e3:.2f} ms "
+        f"p99 {percentile(cpu, 0.99) * 1e3:.2f} ms"
     )
     per = {}
     for verdict in call.event.guard_verdicts:
@@ -92,3 +95,23 @@ async def test_stream_added_time_to_first_token() -> None:
         f"text left: p50 {p50 * 1e3:.3f} ms p95 {p95 * 1e3:.3f} ms"
     )
     assert p95 < 0.05
+
+
+async def test_stream_cost_per_token() -> None:
+    output = OutputGuard(GuardSettings())
+    words = [" word" if i % 9 else " end." for i in range(500)]
+    call = make_call(chat("hi"), stream=True)
+    filter_ = output.for_call(call)
+    assert filter_ is not None
+    spent = 0.0
+    delivered = b""
+    for word in words:
+        event = chunk(word)
+        started = time.perf_counter()
+        delivered += await filter_.feed(event)
+        spent += time.perf_counter() - started
+    delivered += await filter_.feed(chunk(finish="stop") + DONE)
+    assert stream_text(delivered)[0] == "".join(words)
+    per_token = spent / len(words)
+    print(f"\nstream guard cost: {per_token * 1e6:.0f} us per token over {len(words)} tokens")
+    assert per_token < 0.002
