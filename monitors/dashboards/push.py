@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import niquests
 from grafana_client import GrafanaApi
 from grafana_client.client import GrafanaClientError, GrafanaException
 
@@ -27,6 +28,15 @@ DEFAULT_FOLDER_TITLE = "Bastion"
 
 class PushError(Exception):
     """Grafana refused or could not be reached; the message says which call and why."""
+
+
+def _reason(exc: Exception) -> str:
+    """Grafana's message, or the transport's (grafana-client lets connection errors of
+    its HTTP library through unwrapped)."""
+    return str(exc.message) if isinstance(exc, GrafanaException) else str(exc)
+
+
+_FAILURES = (GrafanaException, niquests.exceptions.RequestException)
 
 
 @dataclass(frozen=True)
@@ -50,16 +60,16 @@ def ensure_folder(api: GrafanaApi, uid: str, title: str) -> bool:
         if exc.status_code != 404:
             raise PushError(f"GET /api/folders/{uid}: {exc.message}") from exc
         existing = None
-    except GrafanaException as exc:
-        raise PushError(f"GET /api/folders/{uid}: {exc.message}") from exc
+    except _FAILURES as exc:
+        raise PushError(f"GET /api/folders/{uid}: {_reason(exc)}") from exc
     try:
         if existing is None:
             api.folder.create_folder(title, uid=uid)
             return True
         if existing.get("title") != title:
             api.folder.update_folder(uid, title=title, overwrite=True)
-    except GrafanaException as exc:
-        raise PushError(f"folder {uid}: {exc.message}") from exc
+    except _FAILURES as exc:
+        raise PushError(f"folder {uid}: {_reason(exc)}") from exc
     return False
 
 
@@ -80,7 +90,7 @@ def push(
             answer = api.dashboard.update_dashboard(
                 {"dashboard": body, "folderUid": folder_uid, "overwrite": True, "message": message}
             )
-        except GrafanaException as exc:
-            raise PushError(f"dashboard {uid}: {exc.message}") from exc
+        except _FAILURES as exc:
+            raise PushError(f"dashboard {uid}: {_reason(exc)}") from exc
         answers.append(dict(answer))
     return PushResult(folder_uid, created, answers)
