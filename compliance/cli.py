@@ -30,6 +30,7 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from compliance.chain import parse_entry_id
+from compliance.config_paths import resolve_database_url, resolve_path, sqlite_file
 from compliance.erasure_receipt import ReceiptInvalid, attestation, check_receipt
 from compliance.keyring import rotate_master_key
 from compliance.retention import DEFAULT_DAYS, apply_retention
@@ -91,8 +92,20 @@ def _from_yaml(config: Path | None, field: str) -> Any:
     return document.get(field) if isinstance(document, dict) else None
 
 
+def _configured_path(config: Path | None, field: str) -> Path | None:
+    """A file named in the YAML, relative to the YAML's folder."""
+    configured = _from_yaml(config, field)
+    if not configured or config is None:
+        return None
+    return resolve_path(configured, config.absolute().parent)
+
+
 def _database_url(url: str | None, config: Path | None) -> str:
-    url = url or _from_yaml(config, "database_url") or DEFAULT_DATABASE_URL
+    if not url:
+        configured = _from_yaml(config, "database_url")
+        if configured and config is not None:
+            url = resolve_database_url(configured, config.absolute().parent)
+    url = url or DEFAULT_DATABASE_URL
     for prefix in ("postgresql://", "postgres://"):  # psycopg 3, as gateway/store.py
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url.removeprefix(prefix)
@@ -102,20 +115,31 @@ def _database_url(url: str | None, config: Path | None) -> str:
 def _signing_key_path(path: Path | None, config: Path | None) -> Path | None:
     if path is not None:
         return path
-    configured = _from_yaml(config, "signing_key_file")
-    return Path(configured) if configured else None
+    return _configured_path(config, "signing_key_file")
 
 
 @contextmanager
 def _engine(url: str | None, config: Path | None) -> Iterator[Engine]:
     resolved = _database_url(url, config)
+    file = sqlite_file(resolved)
+    if file is not None and not file.exists():
+        # SQLite would create an empty file (a stray ./bastion.db): these commands
+        # work on a log that exists, so say where they looked instead.
+        _fail(
+            f"no database at {file.absolute()}: name the store with --config, "
+            "--database-url or BASTION_DATABASE_URL (bastion dev's: --config .bastion/dev.yaml)"
+        )
     args = {"connect_args": {"timeout": 30}} if resolved.startswith("sqlite") else {}
     engine = create_engine(resolved, **args)
     try:
         yield engine
     except SQLAlchemyError as exc:
         where = engine.url.render_as_string()
-        _fail(f"database {where}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        first = str(exc).splitlines()[0]
+        missing = type(getattr(exc, "orig", None)).__name__ == "UndefinedTable"
+        if missing or "no such table" in first:
+            _fail(f"database {where} holds no audit log (not a Bastion store, or never started)")
+        _fail(f"database {where}: {type(exc).__name__}: {first}")
     finally:
         engine.dispose()
 

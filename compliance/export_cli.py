@@ -28,6 +28,7 @@ from compliance.cli import (
     ConfigOption,
     DatabaseOption,
     SigningKeyOption,
+    _configured_path,
     _engine,
     _signing_key_path,
     verify_receipt_command,
@@ -69,7 +70,7 @@ def _master_key(path: Path | None) -> bytes:
         except OSError as exc:
             _fail(f"cannot read {path} ({exc.strerror})")
     if not text:
-        _fail("no master key: set BASTION_MASTER_KEY or --master-key-file")
+        _fail("no master key: set BASTION_MASTER_KEY, --master-key-file or master_key_file")
     try:
         key = base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError):
@@ -128,7 +129,7 @@ def export(
         signing_key = load_signing_key(path)
     except SigningKeyError as exc:
         _fail(str(exc))
-    master = _master_key(master_key_file)
+    master = _master_key(master_key_file or _configured_path(config, "master_key_file"))
     with _engine(database_url, config) as engine, _progress("exporting") as progress:
         task = progress.add_task("export", total=None)
         keyring = KeyRing(engine, master)

@@ -147,12 +147,8 @@ class KeyAdmin:
         )
         # Usable at once in this process; the others pick it up on their next refresh.
         await self._cache.refresh()
-        described = info.as_json()
-        # The subject a key acts for is personal data: not in the clear metadata.
-        await self._record(
-            request, KEY_CREATED, {"key": {k: v for k, v in described.items() if k != "subject"}}
-        )
-        return JSONResponse({**described, "key": key}, status_code=201)
+        await self._record(request, KEY_CREATED, {"key": info.as_audit_json()})
+        return JSONResponse({**info.as_json(), "key": key}, status_code=201)
 
     async def list(self, request: Request) -> Response:
         include_revoked = request.query_params.get("include_revoked") in {"1", "true"}

@@ -7,6 +7,9 @@ typer app in its own module, mounted below with ``app.add_typer(..., name=...)``
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
+from typing import Annotated
+
 import typer
 
 from compliance.cli import audit_app
@@ -24,6 +27,28 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        try:
+            typer.echo(f"bastion {version('bastion')}")
+        except PackageNotFoundError:  # a source tree that was never installed
+            typer.echo("bastion (not installed: no version)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    pass
+
 
 # Top-level commands.
 app.command()(serve)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -29,6 +30,19 @@ from inference.watermark_keys import generation_key_id as generation_key_id_of
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 WATERMARK_PROCESSOR = "inference.vllm_watermark:WatermarkLogitsProcessor"
 OUTPUT_PREFIX = "vllm | "
+# uvicorn's access line for a successful health probe (ours, every 5 s): not shown on the
+# console, where it drowned everything else; still kept in the tail shown on failure.
+HEALTH_PROBE_LINE = re.compile(r'"GET /health HTTP/1\.[01]" 200\b')
+
+
+def shown(line: str) -> bool:
+    """Whether a line of vLLM's output goes to the console."""
+    return HEALTH_PROBE_LINE.search(line) is None
+
+
+def _show(console: Console, line: str) -> None:
+    if shown(line):
+        console.print(Text.assemble((OUTPUT_PREFIX, "dim"), line), soft_wrap=True, highlight=False)
 
 
 def vllm_command(settings: InferenceSettings) -> list[str]:
@@ -170,9 +184,7 @@ def running_tier(
         command,
         f"{url}/health",
         env={**vllm_environment(settings), **(extra_env or {})},
-        on_output=lambda line: console.print(
-            Text.assemble((OUTPUT_PREFIX, "dim"), line), soft_wrap=True, highlight=False
-        ),
+        on_output=lambda line: _show(console, line),
     )
     if server.healthy():
         raise LaunchError(f"inference.port: something already answers at {url}/health")

@@ -55,8 +55,13 @@ def configure_logging(level: str) -> None:
     )
 
 
-def prepare_store(settings: StoreSettings) -> None:
-    """Check the secrets and bring the database schema up to date, once, before workers."""
+def prepare_store(settings: StoreSettings, create: bool = True) -> None:
+    """Check the secrets and bring the database schema up to date, once, before workers.
+
+    ``create=False`` (commands that work on a store the gateway made): a SQLite file
+    that does not exist is an error naming where it was looked for, not a new database.
+    """
+    from compliance.config_paths import sqlite_file
     from gateway.credentials import load_audit_signing_key, load_master_key
     from gateway.store import make_engine, migrate
 
@@ -66,6 +71,12 @@ def prepare_store(settings: StoreSettings) -> None:
             load_audit_signing_key(settings)
     except ConfigError as exc:
         fail(f"configuration error: {exc}")
+    file = sqlite_file(settings.database_url)
+    if not create and file is not None and not file.exists():
+        fail(
+            f"no database at {file.absolute()}: name the store with --config or "
+            "BASTION_DATABASE_URL (bastion dev's: --config .bastion/dev.yaml)"
+        )
     engine = make_engine(settings.database_url)
     try:
         migrate(engine)
@@ -77,6 +88,13 @@ def prepare_store(settings: StoreSettings) -> None:
 
 def key_store(config: Path | None) -> Any:
     """The API key store of the configured database (schema brought up to date)."""
+    return open_keys(config)[0]
+
+
+def open_keys(config: Path | None, create: bool = False) -> tuple[Any, Any]:
+    """``(KeyStore, KeyHasher)`` of the configured database and master key.
+
+    The database must exist unless ``create`` (``bastion dev``'s first start)."""
     from gateway.credentials import derive_key, load_master_key
     from gateway.keys import KeyHasher, KeyStore
     from gateway.store import make_engine
@@ -86,8 +104,9 @@ def key_store(config: Path | None) -> Any:
         pepper = derive_key(load_master_key(settings), "api-key-pepper")
     except ConfigError as exc:
         fail(f"configuration error: {exc}")
-    prepare_store(settings)
-    return KeyStore(make_engine(settings.database_url), KeyHasher(pepper))
+    prepare_store(settings, create=create)
+    hasher = KeyHasher(pepper)
+    return KeyStore(make_engine(settings.database_url), hasher), hasher
 
 
 def audit_action(config: Path | None, kind: str, detail: dict[str, Any]) -> None:

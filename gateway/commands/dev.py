@@ -5,17 +5,20 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 
-from gateway.commands.common import configure_logging, err, fail, key_store, load
-from gateway.commands.inference import report_launch_error, tier_watermark_env
+from gateway.commands.common import err, fail, load, open_keys
+from gateway.commands.dev_run import StopOnSignal, announce_when_ready
+from gateway.commands.inference import install_progress, report_launch_error, tier_watermark_env
 from gateway.commands.serve import run_server
-from gateway.config import Settings
+from gateway.config import CONFIG_ENV_VAR, Settings
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
 
 
 def _discover_models(upstream: str) -> list[str]:
@@ -47,8 +50,12 @@ def dev(
             file_okay=False,
         ),
     ] = None,
-    host: Annotated[str, typer.Option(help="Listen address.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Listen port.")] = 8080,
+    host: Annotated[
+        str | None, typer.Option(help=f"Listen address (default: dev.yaml's, {DEFAULT_HOST}).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help=f"Listen port (default: dev.yaml's, {DEFAULT_PORT}).")
+    ] = None,
     inference_port: Annotated[int, typer.Option(help="The local vLLM tier's port.")] = 8000,
     inference_venv: Annotated[
         Path, typer.Option(help="vLLM's virtual environment (installed if missing).")
@@ -57,41 +64,89 @@ def dev(
     """Run the embedded default: gateway + local vLLM tier + SQLite on one machine.
 
     Sets up what is missing (vLLM's environment, the dev model, secrets under .bastion/),
-    starts the tier with the watermark, then the gateway, and prints the URL and a freshly
-    minted admin key. Ctrl-C stops both.
+    starts the tier with the watermark, then the gateway, and prints the URL and the dev
+    admin key once both answer. .bastion/dev.yaml is written once and then kept: edit it.
+    Ctrl-C (or SIGTERM) stops both, at any moment.
     """
-    from gateway import dev_setup
+    with StopOnSignal() as stop:
+        try:
+            layout = prepare_layout(
+                upstream, model, model_dir, host, port, inference_port, inference_venv
+            )
+            _run(layout, stop)
+        except KeyboardInterrupt:
+            err.print("stopped")
 
-    dev_setup.STATE_DIR.mkdir(exist_ok=True)
-    config_path = dev_setup.CONFIG_FILE
+
+@dataclass(frozen=True)
+class DevLayout:
+    """What ``bastion dev`` prepared: its configuration, settings and admin key."""
+
+    config_path: Path
+    settings: Settings
+    admin_key: str
+    served: str
+    notes: tuple[str, ...]
+    embedded: bool
+
+
+def prepare_layout(
+    upstream: str | None,
+    model: list[str] | None,
+    model_dir: Path | None,
+    host: str | None,
+    port: int | None,
+    inference_port: int,
+    inference_venv: Path,
+) -> DevLayout:
+    """Everything but starting: secrets, the store, dev.yaml, the admin key (and, without
+    ``upstream``, vLLM's environment, the dev model and the watermark key)."""
+    from gateway import dev_setup
+    from gateway.credentials import ensure_dev_secrets
+
+    dev_setup.STATE_DIR.mkdir(mode=0o700, exist_ok=True)
+    notes: list[str] = []
+    secrets = ensure_dev_secrets(dev_setup.STATE_DIR)
+    for created in secrets.created:
+        what = "master key" if created == secrets.master_key_file else "audit signing key"
+        err.print(f"  dev setup: created the {what} in {created}", highlight=False, soft_wrap=True)
+    listen = (host or DEFAULT_HOST, port or DEFAULT_PORT)
     if upstream is not None:
         models = model or _discover_models(upstream)
-        document = dev_setup.gateway_only_document(host, port, upstream, models)
-        served = f"upstream {upstream} serving {', '.join(models)}"
+        generated = dev_setup.gateway_only_document(*listen, upstream, models)
     else:
         if model:
             fail("--model names an --upstream's models; use --model-dir for a local model")
-        document = _prepare_embedded(
-            host, port, model_dir, inference_port, inference_venv.absolute()
-        )
-        model_name = document["upstreams"][0]["models"][0]
-        served = f"local vLLM tier on :{inference_port} serving {model_name}"
-    config_path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
-    settings = load(config_path)
-    admin_key, _ = key_store(config_path).create(["admin"], description="bastion dev")
-
-    def banner() -> None:
-        err.print(f"[bold green]Bastion dev gateway[/] on http://{host}:{port}/v1")
-        err.print(f"  {served}; config in {config_path}", soft_wrap=True)
-        err.print(f"  admin key (shown once): [bold]{admin_key}[/]", soft_wrap=True)
-        err.print("  Ctrl-C stops it.")
-
-    configure_logging("warning")
+        generated = _prepare_embedded(*listen, model_dir, inference_port, inference_venv)
+    try:
+        written = dev_setup.write_config(generated, embedded=upstream is None)
+    except ValueError as exc:
+        fail(f"configuration error: {exc}")
+    config_path = written.path
+    if not written.created and written.added:
+        notes.append(f"added to {config_path}: {', '.join(written.added)}")
+    # Options given on the command line win over the file for this start.
+    server = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    overrides: dict[str, Any] = {"server": server} if server else {}
+    if upstream is not None and written.document.get("watermark", {}).get("enabled"):
+        overrides["watermark"] = {"enabled": False}  # no local tier marks what it writes
+        notes.append("watermark off: --upstream does not run the local tier")
+    settings = load(config_path, **overrides)
     if upstream is not None:
-        banner()
-        run_server(settings, config_path, "warning", access_log=False)
-        return
-    _run_with_tier(settings, config_path, banner)
+        served = f"upstream {upstream} serving {', '.join(settings.models())}"
+    else:
+        served = (
+            f"local vLLM tier on :{settings.inference.port} serving "
+            f"{', '.join(settings.inference.served_models())}"
+        )
+    store, hasher = open_keys(config_path, create=True)
+    admin_key, minted = dev_setup.dev_admin_key(store, hasher)
+    store.engine.dispose()
+    if minted:
+        notes.append("a new dev admin key; earlier dev admin keys are revoked")
+    return DevLayout(
+        config_path, settings, admin_key, served, tuple(notes), embedded=upstream is None
+    )
 
 
 def _prepare_embedded(
@@ -102,11 +157,12 @@ def _prepare_embedded(
     from inference.dev_model import build_dev_model
     from inference.environment import InstallError, install, is_installed, python_of
 
+    venv_dir = venv_dir.absolute()
     if not is_installed(venv_dir):
         err.print(f"setting up vLLM's environment in {venv_dir} (once; a few minutes)")
         with err.status("installing") as status:
             try:
-                took = install(venv_dir, on_progress=lambda line: status.update(line))
+                took = install(venv_dir, on_progress=install_progress(status))
             except InstallError as exc:
                 for line in exc.tail[-20:]:
                     err.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
@@ -135,21 +191,52 @@ def _prepare_embedded(
     )
 
 
-def _run_with_tier(settings: Settings, config_path: Path, banner: Callable[[], None]) -> None:
-    """vLLM first (until healthy), then the gateway; Ctrl-C or SIGTERM stops both."""
-    from inference.launch import interrupt_on_sigterm, running_tier
+def _run(layout: DevLayout, stop: StopOnSignal) -> None:
+    """The tier first (until healthy, when embedded), then the gateway; the banner once
+    the gateway answers ready; the first signal stops both."""
+    from gateway.commands.common import configure_logging
+
+    settings = layout.settings
+    server = settings.server
+    host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(server.host, server.host)
+    url = f"http://{host}:{server.port}"
+
+    def banner(problem: str | None) -> None:
+        err.print(f"[bold green]Bastion dev gateway[/] on {url}/v1")
+        err.print(f"  {layout.served}", soft_wrap=True)
+        err.print(
+            f"  config in {layout.config_path} (yours to edit: kept across starts); "
+            f"other commands: export {CONFIG_ENV_VAR}={layout.config_path.absolute()}",
+            soft_wrap=True,
+            highlight=False,
+        )
+        for note in layout.notes:
+            err.print(f"  {note}", soft_wrap=True, highlight=False)
+        err.print(f"  admin key: [bold]{layout.admin_key}[/]", soft_wrap=True)
+        if problem is not None:
+            err.print(f"  [yellow]not ready yet[/]: {problem}", soft_wrap=True)
+        err.print("  Ctrl-C stops it.")
+
+    def on_server(uvicorn_server: Any) -> None:
+        stop.attach(uvicorn_server)
+        announce_when_ready(f"{url}/readyz", banner, stop)
+
+    configure_logging("warning")
+    if not layout.embedded:
+        run_server(settings, layout.config_path, "warning", True, on_server)
+        return
+    _run_with_tier(settings, layout.config_path, on_server)
+
+
+def _run_with_tier(settings: Settings, config_path: Path, on_server: Any) -> None:
+    """vLLM first (until healthy), then the gateway; leaving stops vLLM."""
+    from inference.launch import running_tier
     from inference.supervisor import LaunchError
 
     try:
-        with (
-            interrupt_on_sigterm(),
-            running_tier(
-                settings.inference, err, tier_watermark_env(settings.inference, settings.watermark)
-            ),
+        with running_tier(
+            settings.inference, err, tier_watermark_env(settings.inference, settings.watermark)
         ):
-            banner()
-            run_server(settings, config_path, "warning", access_log=False)
-    except KeyboardInterrupt:
-        err.print("stopped")
+            run_server(settings, config_path, "warning", True, on_server)
     except LaunchError as exc:
         report_launch_error(exc, settings.inference.python)

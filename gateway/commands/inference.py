@@ -2,15 +2,44 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from rich.console import Console
 
 from gateway.commands.common import ConfigOption, err, fail
 from gateway.config import ConfigError
 
 inference_app = typer.Typer(help="Run the vLLM inference tier.", no_args_is_help=True)
+
+HEARTBEAT_S = 10.0
+
+
+def install_progress(
+    status: Any, console: Console = err, clock: Callable[[], float] = time.monotonic
+) -> Callable[[str], None]:
+    """Where the install's progress lines go (``inference.environment.install``).
+
+    On a terminal they are the spinner's text. Elsewhere (a log file, CI, ``make dev``
+    piped) the spinner shows nothing, so each step is printed when it starts, and the
+    latest line at least every :data:`HEARTBEAT_S`: a long install is never silent.
+    """
+    if console.is_terminal:
+        return lambda line: status.update(line)
+    last_step: list[str | None] = [None]
+    last_print = [clock()]
+
+    def report(line: str) -> None:
+        step = line.split(": ", 1)[0]
+        now = clock()
+        if step != last_step[0] or now - last_print[0] >= HEARTBEAT_S:
+            console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+            last_step[0], last_print[0] = step, now
+
+    return report
 
 
 def tier_watermark_env(inference: Any, watermark: Any) -> dict[str, str]:
@@ -66,7 +95,7 @@ def inference_install(
 
     with err.status(f"setting up {venv_dir}") as status:
         try:
-            took = install(venv_dir, on_progress=lambda line: status.update(line))
+            took = install(venv_dir, on_progress=install_progress(status))
         except InstallError as exc:
             for line in exc.tail[-20:]:
                 err.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)

@@ -55,8 +55,7 @@ def keys_create(
         expires_in=lifetime,
         description=description,
     )
-    described = {k: v for k, v in info.as_json().items() if k != "subject"}
-    audit_action(config, KEY_CREATED, {"key": described, "via": "cli"})
+    audit_action(config, KEY_CREATED, {"key": info.as_audit_json(), "via": "cli"})
     if as_json:
         typer.echo(json.dumps({**info.as_json(), "key": key}))
         return

@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from gateway.commands.common import ConfigOption, configure_logging, fail, load, prepare_store
 from gateway.config import CONFIG_ENV_VAR, ConfigError, Settings
 
+if TYPE_CHECKING:
+    import uvicorn
 
-def run_server(settings: Settings, config: Path | None, log_level: str, access_log: bool) -> None:
-    """Check secrets and schema, then run uvicorn with the gateway until it stops."""
+
+def run_server(
+    settings: Settings,
+    config: Path | None,
+    log_level: str,
+    access_log: bool,
+    on_server: Callable[[uvicorn.Server], None] | None = None,
+) -> None:
+    """Check secrets and schema, then run uvicorn with the gateway until it stops.
+
+    ``on_server`` receives the (one-process) server before it starts, so that a caller
+    can stop it (``should_exit``) from a signal handler at any moment of its start-up.
+    """
     import importlib.util
 
     import uvicorn
@@ -65,7 +82,46 @@ def run_server(settings: Settings, config: Path | None, log_level: str, access_l
         return
     from gateway.app import build_app
 
-    uvicorn.run(build_app(settings), **options)
+    # uvicorn.run(app, **options), with the server object in hand.
+    uvicorn_config = uvicorn.Config(build_app(settings), **options)
+    if access_log:  # request lines are INFO: show them whatever --log-level says
+        logging.getLogger("uvicorn.access").setLevel(logging.INFO)
+    server_ = uvicorn.Server(uvicorn_config)
+    if on_server is not None:
+        on_server(server_)
+    with contextlib.suppress(KeyboardInterrupt):
+        server_.run()
+    if not server_.started and not server_.should_exit:
+        sys.exit(3)  # uvicorn's STARTUP_FAILURE, as uvicorn.run
+
+
+def with_dev_secrets(settings: Settings, config: Path | None) -> Settings:
+    """A ``dev: true`` configuration that names no secrets gets them beside its file.
+
+    In the folder of the configuration file (``.bastion/`` without one), created once
+    (:func:`gateway.credentials.ensure_dev_secrets`) and then found again by every
+    command given the same configuration; their paths are put in the environment, so
+    that uvicorn's workers read the same. Other settings are returned unchanged.
+    """
+    from gateway.credentials import DEV_SECRETS_DIR, ensure_dev_secrets
+
+    need_master = settings.master_key is None and settings.master_key_file is None
+    need_signing = settings.audit.enabled and settings.signing_key_file is None
+    if not settings.dev or not (need_master or need_signing):
+        return settings
+    named = config if config is not None else os.environ.get(CONFIG_ENV_VAR)
+    directory = Path(named).absolute().parent if named else DEV_SECRETS_DIR
+    secrets = ensure_dev_secrets(directory, master=need_master, signing=need_signing)
+    for path in secrets.created:
+        logging.getLogger("bastion.credentials").warning("dev setup: created %s", path)
+    update: dict[str, Path] = {}
+    if need_master:
+        update["master_key_file"] = secrets.master_key_file
+        os.environ["BASTION_MASTER_KEY_FILE"] = str(secrets.master_key_file)
+    if need_signing:
+        update["signing_key_file"] = secrets.signing_key_file
+        os.environ["BASTION_SIGNING_KEY_FILE"] = str(secrets.signing_key_file)
+    return settings.model_copy(update=update)
 
 
 def serve(
@@ -81,4 +137,4 @@ def serve(
     overrides = {k: v for k, v in server.items() if v is not None}
     settings = load(config, server=overrides or None)
     configure_logging(log_level)
-    run_server(settings, config, log_level, access_log)
+    run_server(with_dev_secrets(settings, config), config, log_level, access_log)

@@ -19,7 +19,7 @@ from openai import OpenAI
 from tests.support import bastion_command, free_port, wait_until
 from tests.vllm_tier import INFERENCE_VENV, VLLM_START_TIMEOUT_S, inference_python
 
-ADMIN_KEY = re.compile(r"admin key \(shown once\): (bst_\S+)")
+ADMIN_KEY = re.compile(r"admin key: (bst_\S+)")
 
 
 def _listening(port: int) -> bool:
