@@ -24,6 +24,7 @@ quantile beyond the data, the tail is extrapolated with an exponential fit to th
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,6 +75,14 @@ class Baseline:
 
     @classmethod
     def fit(cls, key_id: np.ndarray, X: np.ndarray) -> Baseline:
+        """Medians and scales per key; a feature a key never had (all NaN) gets the
+        fleet's, and one nobody had gets 0 and the floor."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns, on purpose
+            return cls._fit(key_id, X)
+
+    @classmethod
+    def _fit(cls, key_id: np.ndarray, X: np.ndarray) -> Baseline:
         fleet_median = np.nanmedian(X, axis=0)
         fleet_median = np.where(np.isnan(fleet_median), 0.0, fleet_median)
         fleet_mad = np.nanmedian(np.abs(X - fleet_median), axis=0)
@@ -87,13 +96,8 @@ class Baseline:
             rows = X[order[bounds[k] : bounds[k + 1]]]
             if len(rows) < MIN_KEY_WINDOWS:
                 continue
-            with np.errstate(all="ignore"):
-                import warnings
-
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    med = np.nanmedian(rows, axis=0)
-                    mad = np.nanmedian(np.abs(rows - med), axis=0)
+            med = np.nanmedian(rows, axis=0)
+            mad = np.nanmedian(np.abs(rows - med), axis=0)
             known = ~np.isnan(med)
             median[k, known] = med[known]
             own = np.where(np.isnan(mad), fleet_scale, mad * MAD_TO_SD)

@@ -180,10 +180,22 @@ DIRECTION = np.array([f.direction for f in FEATURES], dtype=np.float64)
 TESTS = np.array([f.test for f in FEATURES])
 
 ROW_FIELDS = (
-    "key_id", "request_id", "model", "arrival_us", "end_us", "status", "prompt_tokens",
-    "completion_tokens", "duration_s", "ttft_s", "guard_blocks", "guard_flags",
-    "guard_score", "watermark_absent", "repetition_rate",
-)  # fmt: skip
+    "key_id",
+    "request_id",
+    "model",
+    "arrival_us",
+    "end_us",
+    "status",
+    "prompt_tokens",
+    "completion_tokens",
+    "duration_s",
+    "ttft_s",
+    "guard_blocks",
+    "guard_flags",
+    "guard_score",
+    "watermark_absent",
+    "repetition_rate",
+)
 """One event as the detector keeps it: no payload, subject, address or user agent."""
 
 

@@ -89,8 +89,8 @@ class AnomalyScorer:
             self._take_over()
         now = self._clock()
         boundary = (now - int(self.settings.grace_s * 1e6)) // self._window_us * self._window_us
-        start = self._scored_to if self._scored_to is not None else boundary - self._window_us
-        start = max(start, boundary - MAX_BACKFILL_US)
+        # The first holder ever, or one after a long gap, starts at most an hour back.
+        start = max(self._scored_to or 0, boundary - MAX_BACKFILL_US)
         result = TickResult(held=True)
         if boundary > start:
             rows = store.read_events(self.engine, start, boundary)
@@ -161,8 +161,9 @@ class AnomalyScorer:
                 )
                 ANOMALY_FLAGS.labels(explanation["family"]).inc()
             store.insert_windows(self.engine, batch, scores.total, flagged)
-            for record, number in zip(flags, store.insert_anomalies(self.engine, flags),
-                                      strict=True):  # fmt: skip
+            for record, number in zip(
+                flags, store.insert_anomalies(self.engine, flags), strict=True
+            ):
                 record["id"] = number
         self.builder.profiles.update(batch, keep=~flagged)
         return flags

@@ -89,8 +89,9 @@ def training_windows(engine: Engine, since_us: int) -> TrainingSet:
     width = len(FEATURES) * 8
     rows = [r for r in rows if len(r.features) == width]
     if not rows:
-        return TrainingSet(np.array([], dtype=object), np.zeros(0, np.int64),
-                           np.zeros((0, len(FEATURES))), 0)  # fmt: skip
+        return TrainingSet(
+            np.array([], dtype=object), np.zeros(0, np.int64), np.zeros((0, len(FEATURES))), 0
+        )
     X = np.frombuffer(b"".join(r.features for r in rows), dtype="<f8").reshape(len(rows), -1)
     return TrainingSet(
         np.array([r.key_id for r in rows], dtype=object),
@@ -166,10 +167,16 @@ def latest_model_info(engine: Engine) -> dict[str, Any] | None:
     with engine.connect() as connection:
         row = connection.execute(
             select(
-                models.c.version, models.c.created_us, models.c.trained_from_us,
-                models.c.trained_to_us, models.c.rows, models.c.threshold,
-            ).order_by(models.c.version.desc()).limit(1)
-        ).first()  # fmt: skip
+                models.c.version,
+                models.c.created_us,
+                models.c.trained_from_us,
+                models.c.trained_to_us,
+                models.c.rows,
+                models.c.threshold,
+            )
+            .order_by(models.c.version.desc())
+            .limit(1)
+        ).first()
     return None if row is None else dict(row._mapping)
 
 

@@ -11,9 +11,13 @@ START_US = 1_767_225_600_000_000  # 2026-01-01 00:00 UTC
 
 
 def traffic(
-    rng: np.random.Generator, start_us: int, seconds: float, *, rate: float = 0.5,
+    rng: np.random.Generator,
+    start_us: int,
+    seconds: float,
+    *,
+    rate: float = 0.5,
     prompt_factor: dict[str, float] | None = None,
-) -> list[RequestEvent]:  # fmt: skip
+) -> list[RequestEvent]:
     """Poisson traffic of every key for ``seconds``; ``prompt_factor`` inflates prompts."""
     out = []
     for k, key in enumerate(KEYS):

@@ -15,9 +15,14 @@ from tests.monitors.anomaly_db import anomaly_engine  # noqa: F401
 from tests.monitors.anomaly_traffic import START_US, traffic
 
 SETTINGS = AnomalySettings(
-    window_s=10, grace_s=1, min_history_s=1800, min_windows=200, trees=50,
-    budget_per_million=1, retrain_interval_s=86_400,
-)  # fmt: skip
+    window_s=10,
+    grace_s=1,
+    min_history_s=1800,
+    min_windows=200,
+    trees=50,
+    budget_per_million=1,
+    retrain_interval_s=86_400,
+)
 MAC_KEY = b"k" * 32
 
 

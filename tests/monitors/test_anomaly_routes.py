@@ -78,17 +78,24 @@ def test_filters_paging_status_and_access(client: TestClient, anomaly_engine: En
     assert empty.json()["data"] == [] and empty.json()["status"]["state"] == "cold_start"
     store.insert_anomalies(
         anomaly_engine,
-        [flag(0, "key-a", "m1", "volume"), flag(1, "key-b", "m1", "size"),
-         flag(2, "key-a", "m2", "safety"), flag(3, "key-a", "m1", "volume")],
-    )  # fmt: skip
+        [
+            flag(0, "key-a", "m1", "volume"),
+            flag(1, "key-b", "m1", "size"),
+            flag(2, "key-a", "m2", "safety"),
+            flag(3, "key-a", "m1", "volume"),
+        ],
+    )
     page = client.get("/compliance/anomalies?limit=3", headers=admin).json()
     assert [f["time"][:13] for f in page["data"]] == [
-        "2026-01-01T03", "2026-01-01T02", "2026-01-01T01",
-    ]  # fmt: skip
+        "2026-01-01T03",
+        "2026-01-01T02",
+        "2026-01-01T01",
+    ]
     assert page["data"][0]["request_ids"] == ["req-3-a", "req-3-b"]
     assert page["data"][0]["explanation"]["features"][0]["text"].startswith("x 1")
-    rest = client.get(f"/compliance/anomalies?limit=3&cursor={page['next_cursor']}",
-                      headers=admin).json()  # fmt: skip
+    rest = client.get(
+        f"/compliance/anomalies?limit=3&cursor={page['next_cursor']}", headers=admin
+    ).json()
     assert [f["key_id"] for f in rest["data"]] == ["key-a"] and rest["next_cursor"] is None
 
     def ids(query: str) -> list[str]:
