@@ -49,6 +49,7 @@ from gateway.request_checks import (
 from gateway.retention_job import RetentionJob
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gateway.store import make_engine, migrate
+from gateway.store_probe import StoreProbe
 from gateway.tls import upstream_ssl_contexts
 from gateway.transport import UpstreamTransport, build_transport
 from gateway.upstreams import UpstreamPool
@@ -81,6 +82,7 @@ class BastionApp:
         )
         self.health = HealthChecker(settings.health_check, self.pool, self.transport)
         self.engine = make_engine(settings.database_url)
+        self.store = StoreProbe(self.engine)
         master_key = load_master_key(settings)
         hasher = KeyHasher(derive_key(master_key, "api-key-pepper"))
         self.audit: AuditTrail | None = None
@@ -146,7 +148,7 @@ class BastionApp:
         """What every model call passes before it is forwarded, in order."""
         checks: list[RequestCheck] = []
         if self.audit is not None:
-            checks.append(AuditCheck(self.audit))
+            checks.append(AuditCheck(self.audit, self.store))
         checks += [
             RestrictionCheck(self.restrictions.check),
             WatermarkOptOutCheck(),
@@ -251,6 +253,7 @@ class BastionApp:
         await asyncio.to_thread(self.key_cache.load)
         self.key_cache.start()
         await self.restrictions.start()
+        self.store.start()
         if self.settings.health_check.enabled:
             await self.health.probe_all()
             self.health.start()
@@ -272,6 +275,7 @@ class BastionApp:
             if self.retention is not None:
                 await self.retention.stop()
             await self.health.stop()
+            await self.store.stop()
             await self.key_cache.stop()
             await self.restrictions.stop()
             if self.limiter is not None:
@@ -301,12 +305,16 @@ class BastionApp:
         return JSONResponse({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:
-        ready, models = self.pool.ready()
-        body = {
-            "status": "ready" if ready else "not_ready",
-            "models": models,
-            "upstreams": [u.describe() for u in self.pool.upstreams],
-        }
+        """Ready when every model has an upstream and the store answers. Strangers learn
+        only that; a key with ``upstreams:read`` gets the details (models, upstreams)."""
+        upstreams_ready, models = self.pool.ready()
+        ready = upstreams_ready and self.store.up
+        body: dict[str, Any] = {"status": "ready" if ready else "not_ready"}
+        principal = request.scope["state"].get("principal")
+        if principal is not None and principal.has("upstreams:read"):
+            body["models"] = models
+            body["upstreams"] = [u.describe() for u in self.pool.upstreams]
+            body["store"] = {"up": self.store.up, "error": self.store.error}
         return JSONResponse(body, status_code=200 if ready else 503)
 
     async def metrics_page(self, request: Request) -> Response:

@@ -34,6 +34,7 @@ from compliance.records import REQUEST, AuditRecord
 from gateway.config import AuditSettings
 from gateway.errors import InvalidRequest, ServiceUnavailable
 from gateway.pipeline import CallContext
+from gateway.store_probe import StoreProbe
 from gateway.watermark_check import STATE_KEY as WATERMARK_STATE
 
 log = logging.getLogger("bastion.audit")
@@ -131,14 +132,16 @@ class AuditCheck:
 
     An entry is written after the upstream answered, so whatever could stop it must be
     found before: a request the audit's encoder cannot take (orjson stops at 254 levels
-    of nesting) is refused with 400, and a writer that cannot take entries with 503.
+    of nesting) is refused with 400, and a store that does not answer (its probe) or a
+    writer that takes no more entries with 503.
     """
 
-    def __init__(self, trail: AuditTrail) -> None:
+    def __init__(self, trail: AuditTrail, store: StoreProbe) -> None:
         self._trail = trail
+        self._store = store
 
     async def check(self, call: CallContext) -> None:
-        if not self._trail.writer.accepting:
+        if not self._store.up or not self._trail.writer.accepting:
             raise AuditUnavailable("The audit log cannot record this call; try again.")
         if self._trail.settings.payloads:
             try:
