@@ -56,10 +56,14 @@ def build_default_input_scanners(
             settings.token_limit.max_tokens, load_tokenizers(tokenizers or {})
         ),
     }
-    if _wanted(settings, "input", "prompt_injection"):
+    models = operator_models(settings, "input")
+    if "prompt_injection" in models:
+        scanners["prompt_injection"] = models.pop("prompt_injection")
+    elif _wanted(settings, "input", "prompt_injection"):
         # A missing or altered artefact stops the start (ArtefactMismatch): a gateway
         # must not come up without the guard its configuration asks for.
         scanners["prompt_injection"] = injection_classifier()
+    scanners.update(models)
     return scanners
 
 
@@ -69,6 +73,20 @@ def build_default_output_scanners(settings: GuardSettings) -> dict[str, Scanner]
         "pii_leak": PIILeakScanner(settings.pii.entities),
         "refusal": RefusalScanner(),
         "json_validity": JSONValidityScanner(),
+        **operator_models(settings, "output"),
+    }
+
+
+def operator_models(settings: GuardSettings, stage: str) -> dict[str, Scanner]:
+    """The operator's ONNX models of ``stage`` (``guards.models``), loaded from disk."""
+    if not any(stage in model.stages for model in settings.models.values()):
+        return {}
+    from gateway.guards.model_scanner import ONNXClassifierScanner  # onnxruntime: only if used
+
+    return {
+        name: ONNXClassifierScanner(name, model)
+        for name, model in settings.models.items()
+        if stage in model.stages
     }
 
 

@@ -71,14 +71,10 @@ class ScannerOverride(_Frozen):
 
 
 class PipelineOverride(_Frozen):
+    """Scanner name -> what changes, per stage (names checked by GuardSettings)."""
+
     input: dict[str, ScannerOverride] = {}
     output: dict[str, ScannerOverride] = {}
-
-    @model_validator(mode="after")
-    def _known(self) -> PipelineOverride:
-        _check_names(self.input, INPUT_SCANNERS, "input")
-        _check_names(self.output, OUTPUT_SCANNERS, "output")
-        return self
 
 
 def _check_names(scanners: Mapping[str, object], known: tuple[str, ...], stage: str) -> None:
@@ -153,6 +149,22 @@ def _over(
     return merged
 
 
+class LocalModelSettings(_Frozen):
+    """An operator's text classifier in ONNX, from a local directory (gateway/guards/
+    model_scanner.py); its name is a scanner name in the pipelines it joins."""
+
+    path: str
+    """Directory with ``model.onnx``, ``tokenizer.json`` and optionally ``config.json``."""
+    stages: tuple[Literal["input", "output"], ...] = ("input",)
+    positive_labels: tuple[str | int, ...] = (1,)
+    """Labels (``id2label`` names or indices) whose probabilities make the score."""
+    threshold: float = Field(default=0.5, ge=0, le=1)
+    """The score at which a finding counts, unless the policy sets its own."""
+    max_tokens: int = Field(default=512, ge=8, le=8192)
+    """Tokens per window; a longer text is scored window by window, the highest counts."""
+    threads: int = Field(default=1, ge=1, le=64)
+
+
 class GuardSettings(_Frozen):
     """The ``guards:`` section. Every field has a default: no section means default guards."""
 
@@ -167,20 +179,35 @@ class GuardSettings(_Frozen):
     pii: PIISettings = PIISettings()
     token_limit: TokenLimitSettings = TokenLimitSettings()
     model_scanners: ModelScannerSettings = ModelScannerSettings()
+    models: dict[str, LocalModelSettings] = {}
+    """Operator models by scanner name: a new name adds a scanner (policy default: flag,
+    set it under ``input:``/``output:``); a built-in name (``prompt_injection``)
+    replaces that scanner and keeps its policy."""
     token_prompts: Literal["block", "allow"] = "block"
     """Completions prompts or embeddings inputs given as token ids cannot be scanned as text:
     refuse them (400), or forward them with the verdict ``unscannable`` flagged."""
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> GuardSettings:
-        _check_names(self.input, INPUT_SCANNERS, "input")
-        _check_names(self.output, OUTPUT_SCANNERS, "output")
+        known_in = (*INPUT_SCANNERS, *self._model_names("input"))
+        known_out = (*OUTPUT_SCANNERS, *self._model_names("output"))
+        _check_names(self.input, known_in, "input")
+        _check_names(self.output, known_out, "output")
+        for override in (*self.roles.values(), *self.keys.values()):
+            _check_names(override.input, known_in, "input")
+            _check_names(override.output, known_out, "output")
         # A section naming one scanner keeps the others at their defaults, and the fields
         # it leaves out keep theirs (``prompt_injection: {action: flag}`` still skips
-        # system messages).
-        object.__setattr__(self, "input", _over(DEFAULT_INPUT, self.input))
-        object.__setattr__(self, "output", _over(DEFAULT_OUTPUT, self.output))
+        # system messages). An operator's model without a policy flags.
+        flagging = ScannerPolicy(action="flag")
+        base_in = {**{n: flagging for n in known_in}, **DEFAULT_INPUT}
+        base_out = {**{n: flagging for n in known_out}, **DEFAULT_OUTPUT}
+        object.__setattr__(self, "input", _over(base_in, self.input))
+        object.__setattr__(self, "output", _over(base_out, self.output))
         return self
+
+    def _model_names(self, stage: str) -> tuple[str, ...]:
+        return tuple(name for name, model in self.models.items() if stage in model.stages)
 
     def policies(
         self, stage: Literal["input", "output"], roles: tuple[str, ...], key_id: str | None

@@ -16,7 +16,7 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "guards.md"
 
 def doc_yaml() -> dict:  # type: ignore[type-arg]
     blocks = re.findall(r"```yaml\n(.*?)```", DOC.read_text(), flags=re.S)
-    assert len(blocks) == 1
+    assert len(blocks) == 2
     return yaml.safe_load(blocks[0])["guards"]
 
 
