@@ -42,6 +42,10 @@ class AnswerBlocked(GuardBlocked):
     def __init__(self, scanner: str) -> None:
         super().__init__(scanner, "output")
 
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        # x-bastion-guard carries the input's verdict; the answer's has its own header.
+        return [(b"x-bastion-guard-output", f"block={self.scanner}".encode())]
+
 
 class GuardUnavailable(ServiceUnavailable):
     """A scanner failed or timed out and its policy fails closed."""

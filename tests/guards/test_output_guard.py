@@ -107,6 +107,7 @@ async def test_whole_answer_block_is_a_422() -> None:
     error = refused.value
     assert (error.status, error.code) == (422, "output_guard_blocked")
     assert SECRET not in error.message and "secrets" in error.message
+    assert error.headers() == [(b"x-bastion-guard-output", b"block=secrets")]
     assert any(v.stage == "output" and v.action == "block" for v in call.event.guard_verdicts)
 
 
