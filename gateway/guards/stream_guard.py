@@ -219,6 +219,8 @@ class StreamGuard:
             rewritten = self._rewrite(event)
             # What restorers still hold for channels ending here goes out before the end.
             out.extend(self._flush(lambda c, e=event: e.done or c.choice in e.finishes))
+            if event.done:
+                self._record()  # before [DONE] leaves: the audit may complete on it
             out.append(rewritten)
         return b"".join(out)
 

@@ -367,3 +367,21 @@ async def test_completions_stream_text_is_scanned_and_restored() -> None:
 def test_vault_is_per_call() -> None:
     assert PIIVault() is not PIIVault()
     assert InputGuard.__init__ is not None
+
+
+async def test_guard_summary_for_the_audit() -> None:
+    from gateway.guards.call_summary import guard_summary
+
+    assert guard_summary(make_call(chat("hi"))) is None
+    call = await prepared("I am jane@example.com", stream=True)
+    filter_ = OutputGuard(GuardSettings()).for_call(call)
+    await filter_.feed(chunk("Hi [EMAIL_1]") + chunk(finish="stop") + DONE)  # type: ignore[union-attr]
+    summary = guard_summary(call)
+    assert summary is not None
+    assert summary["input"]["details"] == {"pii": "personal data: EMAIL"}
+    assert summary["output"]["scanned_chars"] == summary["output"]["released_chars"] == 12
+    assert {(v["scanner"], v["stage"]) for v in summary["verdicts"]} >= {
+        ("pii", "input"),
+        ("secrets", "output"),
+    }
+    assert "jane@example.com" not in str(summary)
