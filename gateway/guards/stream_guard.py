@@ -60,6 +60,8 @@ class _Event:
     segments: list[_Segment] = field(default_factory=list)
     finishes: set[int] = field(default_factory=set)
     done: bool = False
+    opaque: str | None = None
+    """The data of an event that is not JSON (not OpenAI's format, scanned as it is)."""
 
 
 class StreamGuard:
@@ -93,9 +95,32 @@ class StreamGuard:
     async def feed(self, data: bytes) -> bytes:
         for raw in _EVENT_END.split(data):
             if raw:
-                self._queue.append(self._parse(raw))
+                event = self._parse(raw)
+                if event.opaque is not None:
+                    await self._scan_opaque(event)
+                self._queue.append(event)
         await self._advance()
         return self._emit()
+
+    async def _scan_opaque(self, event: _Event) -> None:
+        """Data that is not an OpenAI chunk is still text: scanned whole before it leaves."""
+        assert event.opaque is not None
+        text = BodyText((), event.opaque, "assistant")
+        spans: list[Redaction] = []
+        report = await self._window.scan([text], self._context, self._vault, spans=spans)
+        self._aggregate(report)
+        if report.failed or report.blocked:
+            self._record()
+            report.raise_for("output")
+        if spans:
+            ordered = sorted((span.start, span.end, r) for _, span, r in spans)
+            cleaned, last = [], 0
+            for start, end, replacement in ordered:
+                if start >= last:
+                    cleaned.append(event.opaque[last:start] + replacement)
+                    last = end
+            cleaned.append(event.opaque[last:])
+            event.raw = b"data: " + "".join(cleaned).encode() + b"\n\n"
 
     async def close(self) -> bytes:
         if self._recorded:
@@ -118,7 +143,7 @@ class StreamGuard:
         try:
             document = orjson.loads(payload) if payload else None
         except orjson.JSONDecodeError:
-            return _Event(raw)
+            return _Event(raw, opaque=payload.decode("utf-8", "replace"))
         event = _Event(raw, document if isinstance(document, dict) else None)
         choices = event.document.get("choices") if event.document else None
         for position, choice in enumerate(choices if isinstance(choices, list) else ()):

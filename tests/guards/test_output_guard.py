@@ -385,3 +385,14 @@ async def test_guard_summary_for_the_audit() -> None:
         ("secrets", "output"),
     }
     assert "jane@example.com" not in str(summary)
+
+
+async def test_stream_data_that_is_not_json_is_scanned_too() -> None:
+    call = await prepared("hello", stream=True)
+    filter_ = OutputGuard(GuardSettings()).for_call(call)
+    out = await filter_.feed(f"data: plain text with {SECRET} inside\n\n".encode())  # type: ignore[union-attr]
+    assert out == b"data: plain text with [REDACTED_SECRET] inside\n\n"
+    settings = GuardSettings(output={"secrets": {"action": "block"}})
+    blocking = OutputGuard(settings).for_call(await prepared("hello", settings, stream=True))
+    with pytest.raises(GatewayError):
+        await blocking.feed(f"data: {SECRET}\n\n".encode())  # type: ignore[union-attr]
