@@ -78,6 +78,14 @@ def run_server(
         # Worker processes build their own app from the same file and environment.
         if config is not None:
             os.environ[CONFIG_ENV_VAR] = str(config.resolve())
+        # One /metrics for all workers: their metric files' directory must be in the
+        # environment before uvicorn spawns them (monitors/multiprocess.py says why).
+        from monitors.multiprocess import MultiprocessDirError, prepare_multiprocess_dir
+
+        try:
+            prepare_multiprocess_dir(None)
+        except MultiprocessDirError as exc:
+            fail(f"metrics: {exc}")
         uvicorn.run("gateway.app:create_app", factory=True, workers=server.workers, **options)
         return
     from gateway.app import build_app
