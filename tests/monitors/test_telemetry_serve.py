@@ -15,7 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import (
@@ -92,18 +91,30 @@ def served(module_pool: ProcessPool, tmp_path_factory: pytest.TempPathFactory) -
         server={"workers": 2},
     )
     gateway = Gateway(config, work, env={"BASTION_MASTER_KEY": MASTER_KEY})
-    # Keys before the workers start: both load them at start-up.
-    gateway.config_path.write_text(yaml.safe_dump(gateway.config, sort_keys=False))
-    app_key = cli(gateway.config_path, "keys", "create", "--json", "--role", "app")["key"]
-    reader_key = cli(gateway.config_path, "keys", "create", "--json", "--role", "auditor")["key"]
     module_pool.gateways.append(gateway)
-    gateway.start()
+    gateway.start()  # it makes the store the keys go to
     wait_until(
         lambda: gateway.http.get("/readyz").status_code == 200,
         START_TIMEOUT_S,
         what=f"gateway /readyz 200 (output: {gateway.output()[-500:]})",
     )
-    yield Served(gateway, app_key, reader_key)
+    app_key = cli(gateway.config_path, "keys", "create", "--json", "--role", "app")["key"]
+    reader_key = cli(gateway.config_path, "keys", "create", "--json", "--role", "auditor")["key"]
+    served = Served(gateway, app_key, reader_key)
+
+    def both_workers_know_the_keys() -> bool:  # each refreshes its key cache every 0.2 s
+        return all(
+            httpx.get(
+                f"{gateway.url}/v1/models",
+                headers={"authorization": f"Bearer {key}", "connection": "close"},
+            ).status_code
+            == 200
+            for _ in range(6)
+            for key in (app_key, reader_key)
+        )
+
+    wait_until(both_workers_know_the_keys, 10, interval=0.3, what="the keys in both workers")
+    yield served
 
 
 def requests_total(text: str, status_class: str) -> float:
@@ -127,6 +138,8 @@ def sample(text: str, name: str, **labels: str) -> float | None:
 
 
 def test_two_workers_n_requests_one_scrape_shows_exactly_n(served: Served) -> None:
+    time.sleep(0.3)  # what the key checks left pending is written
+    unknown_before = sample(served.scrape().text, "bastion_auth_failures_total", reason="unknown")
     for i in range(N):
         r = served.call(served.app_key, stream=bool(i % 3 == 0))
         assert r.status_code == 200, r.text
@@ -153,7 +166,8 @@ def test_two_workers_n_requests_one_scrape_shows_exactly_n(served: Served) -> No
         text = served.scrape().text
         assert requests_total(text, "2xx") == N
         assert requests_total(text, "4xx") == 3
-        assert sample(text, "bastion_auth_failures_total", reason="unknown") == 3
+        unknown = sample(text, "bastion_auth_failures_total", reason="unknown")
+        assert unknown == (unknown_before or 0) + 3
         assert sample(text, "bastion_tokens_total", model="dev-model", type="output")
         assert sample(text, "bastion_requests_in_flight", route=CHAT) in (None, 0.0)
         count = sample(text, "bastion_request_duration_seconds_count", route=CHAT,
