@@ -188,6 +188,10 @@ class WholeAnswerGuard:
             if restored != original:
                 _set(document, item.path, restored)
                 changed = True
+            if item.changed:  # redacted: its log probabilities would spell it out
+                choice = document["choices"][item.path[1]]
+                if isinstance(choice, dict) and choice.get("logprobs") is not None:
+                    choice["logprobs"] = None
         summary = ";".join(s for s in (r.summary() for r in reports) if s != "pass") or "pass"
         self._call.add_header(OUTPUT_HEADER, summary.encode())
         return orjson.dumps(document) if changed else data

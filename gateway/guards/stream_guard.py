@@ -261,6 +261,8 @@ class StreamGuard:
             if text != raw:
                 _set(event.document, segment.path, text)
                 changed = True
+                if channel.render(segment.start, segment.end) != raw:
+                    _drop_logprobs(event.document, segment.path)
         if not changed or event.document is None:
             return event.raw
         return b"data: " + orjson.dumps(event.document) + b"\n\n"
@@ -316,6 +318,14 @@ def _with(context: ScanContext, final: bool) -> ScanContext:
         known_values=context.known_values,
         final=final,
     )
+
+
+def _drop_logprobs(document: Any, path: tuple[str | int, ...]) -> None:
+    """A redacted text's log probabilities would spell out what was redacted, token by
+    token: the choice goes out without them."""
+    choice = document[path[0]][path[1]]
+    if isinstance(choice, dict) and choice.get("logprobs") is not None:
+        choice["logprobs"] = None
 
 
 def _set(document: Any, path: tuple[str | int, ...], value: str) -> None:

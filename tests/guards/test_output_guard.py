@@ -396,3 +396,21 @@ async def test_stream_data_that_is_not_json_is_scanned_too() -> None:
     blocking = OutputGuard(settings).for_call(await prepared("hello", settings, stream=True))
     with pytest.raises(GatewayError):
         await blocking.feed(f"data: {SECRET}\n\n".encode())  # type: ignore[union-attr]
+
+
+async def test_redacted_choices_lose_their_logprobs() -> None:
+    call = await prepared("hello")
+    document = orjson.loads(answer(f"token {SECRET} ok"))
+    document["choices"][0]["logprobs"] = {"content": [{"token": SECRET[:5], "logprob": -0.1}]}
+    out = await OutputGuard(GuardSettings()).for_call(call).feed(orjson.dumps(document))  # type: ignore[union-attr]
+    assert SECRET[:5] not in out.decode() and orjson.loads(out)["choices"][0]["logprobs"] is None
+    streamed = await prepared("hello", stream=True)
+    filter_ = OutputGuard(GuardSettings()).for_call(streamed)
+    out = b""
+    for piece in ("token ", SECRET, " ok"):
+        event = orjson.loads(chunk(piece)[6:])
+        event["choices"][0]["logprobs"] = {"content": [{"token": piece, "logprob": -0.1}]}
+        out += await filter_.feed(b"data: " + orjson.dumps(event) + b"\n\n")  # type: ignore[union-attr]
+    out += await filter_.feed(chunk(finish="stop") + DONE)  # type: ignore[union-attr]
+    assert SECRET not in out.decode()
+    assert stream_text(out)[0] == "token [REDACTED_SECRET] ok"
