@@ -23,6 +23,7 @@ from tests.support import (
     ProcessPool,
     bastion_command,
     chat_body,
+    free_port,
     gateway_config,
     upstream_entry,
     wait_until,
@@ -212,3 +213,30 @@ def test_logs_are_ecs_json_with_request_ids_and_no_prompt_or_key(served: Served)
     assert all(d["event"]["duration"] > 0 for d in chat)
     for secret in (PROMPT_CANARY, KEY_CANARY, served.app_key, served.reader_key):
         assert secret not in text
+
+
+def test_the_internal_listener_serves_every_workers_sum_without_a_key(
+    pool: ProcessPool,
+) -> None:
+    upstream = pool.upstream("tel-listen", ["dev-model"])
+    listen_port = free_port()
+    gateway = pool.gateway(
+        [upstream], server={"workers": 2, "metrics_listen": f"127.0.0.1:{listen_port}"}
+    )
+    for _ in range(5):
+        r = httpx.post(
+            f"{gateway.url}{CHAT}",
+            json=chat_body("dev-model", "hello"),
+            headers={"connection": "close"},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+
+    def scrape() -> str:
+        r = httpx.get(f"http://127.0.0.1:{listen_port}/metrics", timeout=10)  # no key
+        assert r.status_code == 200
+        return r.text
+
+    wait_until(lambda: requests_total(scrape(), "2xx") == 5, 10, what="5 requests on the listener")
+    for _ in range(3):
+        assert requests_total(scrape(), "2xx") == 5
