@@ -31,12 +31,14 @@ import numpy as np
 from scipy.special import gammainc, ndtri
 from sklearn.ensemble import IsolationForest
 
+from monitors.anomaly.calibration import FamilyCalibration
 from monitors.anomaly.features import (
     DIRECTION,
     FAMILIES,
     FAMILY_OF,
     FEATURES,
     INDEX,
+    NAMES,
     TESTS,
     WindowBatch,
 )
@@ -159,7 +161,7 @@ class Baseline:
         scale = np.where(per_request, scale * shrink[:, None], scale)
         z = (X - median) / scale
         directed = np.where(DIRECTION > 0, z, np.where(DIRECTION < 0, -z, np.abs(z)))
-        signed = np.clip(np.nan_to_num(directed[:, PER_REQUEST]), -Z_CAP, Z_CAP)
+        signed = np.clip(np.nan_to_num(directed[:, TRAILED]), -Z_CAP, Z_CAP)
         rates = np.where(known[:, None], self.rate[safe], self.fleet_rate)
         trail_n = np.expm1(X[:, INDEX["requests_trail"]])
         for test, trials in (("count", n), ("count_trail", trail_n)):
@@ -175,7 +177,9 @@ class Baseline:
         return np.clip(np.nan_to_num(directed), 0.0, Z_CAP), signed
 
 
-PER_REQUEST = TESTS == "per_request"
+TRAILED = (TESTS == "per_request") | (np.array(NAMES) == "rate_change")
+"""Features whose z is also combined over the key's recent windows (:class:`ZTrail`):
+the per-request medians and means, and the rate against the key's usual."""
 TRAIL_HALF_LIFE_US = 120e6
 
 
@@ -190,7 +194,7 @@ class ZTrail:
 
     def __init__(self) -> None:
         self.keys: dict[str, int] = {}
-        self.state = np.zeros((0, 2 + int(PER_REQUEST.sum())))
+        self.state = np.zeros((0, 2 + int(TRAILED.sum())))
         """Per key: last window start, Σw², then Σw·z per feature."""
 
     def combine(self, key_id: np.ndarray, start: np.ndarray, signed: np.ndarray) -> np.ndarray:
@@ -228,7 +232,11 @@ class Scores:
     baseline: np.ndarray
     """B: the largest family component."""
     families: np.ndarray
-    """[windows, families]: each family's baseline component."""
+    """[windows, families]: each family's baseline component (calibrated z)."""
+    raw_families: np.ndarray
+    """[windows, families]: the largest directed z of each family's features."""
+    baseline_feature: np.ndarray
+    """[windows]: the feature credited with the baseline part."""
     z: np.ndarray
     """[windows, features]: directed robust z (0 in the normal direction)."""
     path_length: np.ndarray
@@ -259,6 +267,7 @@ class AnomalyModel:
     version: int | None = None
     meta: dict[str, float] = field(default_factory=dict)
     flat: FlatForest | None = None
+    calibration: FamilyCalibration | None = None
 
     def impute(self, key_id: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Missing values become the key's usual value (so they add nothing to any score)."""
@@ -288,11 +297,15 @@ class AnomalyModel:
         directed, signed = self.baseline.z(key_id, X)
         if trail is not None and start_us is not None:
             combined = np.clip(trail.combine(key_id, start_us, signed), 0.0, Z_CAP)
-            directed[:, PER_REQUEST] = np.maximum(directed[:, PER_REQUEST], combined)
-        families = np.zeros((len(X), len(FAMILIES)))
+            directed[:, TRAILED] = np.maximum(directed[:, TRAILED], combined)
+        raw = np.zeros((len(X), len(FAMILIES)))
         for f in range(len(FAMILIES)):
-            families[:, f] = directed[:, f == FAMILY_OF].max(axis=1)
+            raw[:, f] = directed[:, f == FAMILY_OF].max(axis=1)
+        families = raw if self.calibration is None else self.calibration.z(raw)
         baseline = families.max(axis=1)
+        # The feature that set the winning family's score gets the baseline's part.
+        in_family = FAMILY_OF[None, :] == families.argmax(axis=1)[:, None]
+        feature = np.where(in_family, directed, -1.0).argmax(axis=1)
         h = self.path_length(X)
         forest = self.weight * (self.mean_h - h) / self.sd_h
         c = _average_path_length(self.forest.max_samples_)
@@ -301,6 +314,8 @@ class AnomalyModel:
             forest=forest,
             baseline=baseline,
             families=families,
+            raw_families=raw,
+            baseline_feature=feature,
             z=directed,
             path_length=h,
             isolation=2.0 ** (-h / c),
@@ -332,13 +347,15 @@ def budget_threshold(
     q = min(allowed_per_day / max(windows_per_day, 1e-9), 0.5)
     if q * n >= 20:
         return float(np.quantile(scores, 1 - q))
-    # Exponential tail over the top 1 % (at least 20 windows): P(S > u + x) = p_u e^(-x/β).
+    # Beyond the data: the score is mostly calibrated normal z (families) plus a
+    # standardised path length, so its tail is Gaussian-like: S²/2 has an exponential
+    # tail. Fitted over the top 1 % (at least 20 windows): P(Y > u + y) = p_u e^(-y/β).
     top = max(20, n // 100)
-    u = scores[-top - 1] if n > top else scores[0]
-    excess = scores[-top:] - u
-    beta = max(float(excess.mean()), 1e-6)
+    y = np.maximum(scores, 0.0) ** 2 / 2
+    u = y[-top - 1] if n > top else y[0]
+    beta = max(float((y[-top:] - u).mean()), 1e-6)
     p_u = top / n
-    return float(u + beta * np.log(p_u / max(q, 1e-12)))
+    return float(np.sqrt(2 * (u + beta * np.log(p_u / max(q, 1e-12)))))
 
 
 def fit_model(
@@ -378,7 +395,10 @@ def fit_model(
     h = model.path_length(filled)
     model.mean_h = float(h.mean())
     model.sd_h = float(max(h.std(), 1e-6))
-    # Scored as live windows are: in time order per key, with the trailing z.
+    # Scored as live windows are: in time order per key, with the trailing z; first raw,
+    # to calibrate the families, then calibrated, to set the threshold.
+    raw = model.score_matrix(batch_key, filled, median, ZTrail(), start_us).raw_families
+    model.calibration = FamilyCalibration.fit(raw)
     total = model.score_matrix(batch_key, filled, median, ZTrail(), start_us).total
     model.threshold = budget_threshold(total, span_days, requests, budget_per_million)
     return model

@@ -48,8 +48,7 @@ class Explainer:
         phi = np.asarray(self.tree.shap_values(X, check_additivity=False))
         forest = -model.weight * phi / model.sd_h
         contributions = forest.copy()
-        z = scores.z[rows]
-        top_feature = z.argmax(axis=1)
+        top_feature = scores.baseline_feature[rows]
         contributions[np.arange(len(rows)), top_feature] += scores.baseline[rows]
         base = model.weight * (model.mean_h - self.expected) / model.sd_h
         return Attribution(base, contributions, forest, self.expected)
@@ -68,7 +67,7 @@ class Explainer:
         contrib = attr.contributions[i]
         families = np.bincount(FAMILY_OF, weights=contrib, minlength=len(FAMILIES))
         top = np.argsort(-contrib)[:TOP]
-        baseline_feature = int(scores.z[row].argmax())
+        baseline_feature = int(scores.baseline_feature[row])
         positive_forest = max(float(scores.forest[row]), 0.0)
         baseline = float(scores.baseline[row])
         whole = positive_forest + baseline
