@@ -59,6 +59,7 @@ from gateway.watermark_check import (
     WatermarkFilterSource,
     load_watermark_keys,
 )
+from monitors.events.shipper import EventShipper
 from monitors.metrics import EVENT_SINK_DROPPED
 from monitors.metrics_sink import MetricsSink
 from monitors.multiprocess import mark_worker_dead, multiprocess_enabled, render_metrics
@@ -97,6 +98,9 @@ class BastionApp:
         self.key_store = KeyStore(self.engine, hasher)
         self.key_cache = KeyCache(self.key_store, hasher, settings.auth.key_refresh_s)
         self.restrictions = RestrictionCache(self.engine, settings.auth.key_refresh_s)
+        self.events: EventShipper | None = None
+        if settings.events.url is not None:
+            self.events = EventShipper(settings.events)
         self.compliance = ComplianceRoutes(
             settings, self.engine, master_key, signing_key, self.audit
         )
@@ -109,6 +113,7 @@ class BastionApp:
             self.audit,
             self.key_cache,
             self.restrictions,
+            erase_events=self.events.erase_subject if self.events is not None else None,
         )
         self.limiter: RateLimiter | None = None
         if settings.rate_limits.enabled:
@@ -136,6 +141,8 @@ class BastionApp:
             self.pool.models(), set(routes.values()), [u.name for u in self.pool.upstreams]
         )
         self.sinks.add(self.metrics)
+        if self.events is not None:
+            self.sinks.add(self.events)
         observed = ObserverMiddleware(ErrorMiddleware(authentication), self.sinks, routes)
         # (HSTS on TLS answers: a default header of the listener, gateway.tls.)
         self._stack: ASGIApp = RequestIdMiddleware(observed)
@@ -250,6 +257,8 @@ class BastionApp:
             await self.audit.start()
         if self.retention is not None:
             await self.retention.start()  # one process at a time runs it: a lease in the store
+        if self.events is not None:
+            await self.events.start()
         await asyncio.to_thread(self.key_cache.load)
         self.key_cache.start()
         await self.restrictions.start()
@@ -284,6 +293,8 @@ class BastionApp:
             if self.audit is not None:
                 await self.audit.stop()  # what is queued, then a final signed checkpoint
             self.engine.dispose()
+            if self.events is not None:
+                await self.events.stop()  # ships or spools what is queued
             self.metrics.flush()
             if multiprocess_enabled():
                 mark_worker_dead()  # this worker's live gauges leave the sum

@@ -34,6 +34,7 @@ from pydantic_settings import (
 )
 
 from inference.settings import InferenceSettings
+from monitors.events.settings import EventSettings
 
 CONFIG_ENV_VAR = "BASTION_CONFIG"
 
@@ -345,6 +346,16 @@ class Settings(StoreSettings):
     inference: InferenceSettings = InferenceSettings()
     """The vLLM tier that ``bastion inference serve`` starts (inference/settings.py)."""
     audit: AuditSettings = AuditSettings()
+    events: EventSettings = EventSettings()
+    """Request events shipped to Elasticsearch/OpenSearch (monitors/events/settings.py);
+    ``BASTION_ELASTICSEARCH_URL`` (``elasticsearch_url``) sets ``events.url``."""
+
+    @model_validator(mode="after")
+    def _events_url(self) -> Self:
+        if self.elasticsearch_url and self.events.url is None:
+            events = self.events.model_copy(update={"url": self.elasticsearch_url})
+            object.__setattr__(self, "events", EventSettings.model_validate(events.model_dump()))
+        return self
 
     @model_validator(mode="after")
     def _check_references(self) -> Self:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -173,8 +174,12 @@ class PrivacyRoutes:
         key_cache: KeyCache,
         restrictions: RestrictionCache,
         ledger: RequestLedger | None = None,
+        erase_events: Callable[[str], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
+        """``erase_events``: deletes a subject's shipped request events (the cluster and
+        the spool) and says what it deleted where; None when events are not shipped."""
         self._settings = settings
+        self._erase_events = erase_events
         self._engine = engine
         self._keyring = KeyRing(engine, master_key)
         self.export_page = PAGE_SIZE
@@ -302,7 +307,8 @@ class PrivacyRoutes:
         entry = await self._record(request, SUBJECT_ERASED, subject, {"ledger": row.id})
         revoked = await asyncio.to_thread(self._revoke_keys, subject)
         await self._keys.refresh()
-        receipt = await asyncio.to_thread(self._shred, subject, row.id, entry, revoked)
+        events = None if self._erase_events is None else await self._erase_events(subject)
+        receipt = await asyncio.to_thread(self._shred, subject, row.id, entry, revoked, events)
         await self._restrictions.refresh()
         return JSONResponse(receipt)
 
@@ -327,7 +333,12 @@ class PrivacyRoutes:
         return ids
 
     def _shred(
-        self, subject: str, ledger_id: str, entry: str | None, revoked: list[str]
+        self,
+        subject: str,
+        ledger_id: str,
+        entry: str | None,
+        revoked: list[str],
+        events: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         assert self._signing_key is not None
         ref = subject_ref(self._tombstone_key, subject)
@@ -347,6 +358,8 @@ class PrivacyRoutes:
                 "flags": True,
             },
         }
+        if events is not None:  # the shipped request events: cluster and spool
+            body["destroyed"]["events"] = events
         receipt = sign_receipt(self._signing_key, body)
         removed = self.store.erase(subject, ref, receipt)
         self.ledger.pseudonymise(subject, f"erased:{ref}")
