@@ -92,3 +92,22 @@ def test_invalid_configuration_is_refused(section: dict) -> None:  # type: ignor
 def test_frozen() -> None:
     with pytest.raises(ValidationError):
         GuardSettings().enabled = False  # type: ignore[misc]
+
+
+def test_embedded_in_settings_with_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As gateway.config.Settings will hold it: ``guards:`` from YAML and BASTION_* vars."""
+    from pydantic_settings import BaseSettings, SettingsConfigDict
+
+    class Embedding(BaseSettings):
+        model_config = SettingsConfigDict(
+            env_prefix="BASTION_", env_nested_delimiter="__", extra="forbid", frozen=True
+        )
+        guards: GuardSettings = GuardSettings()
+
+    assert Embedding().guards == GuardSettings()
+    monkeypatch.setenv("BASTION_GUARDS__STREAM__RELEASE", "sentence")
+    monkeypatch.setenv("BASTION_GUARDS__INPUT", '{"pii": {"action": "flag"}}')
+    settings = Embedding().guards
+    assert settings.stream.release == "sentence"
+    assert settings.input["pii"].action == "flag"
+    assert settings.input["secrets"].action == "redact"  # the others keep their defaults
