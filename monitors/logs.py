@@ -198,3 +198,16 @@ def configure_logging(settings: LoggingSettings, *, dev: bool = False) -> None:
     import logging.config
 
     logging.config.dictConfig(logging_config(settings, dev=dev))
+
+
+def uvicorn_log_options(
+    settings: LoggingSettings, *, dev: bool = False, uvicorn_access: bool = False
+) -> dict[str, Any]:
+    """``uvicorn.run``'s logging options: :func:`logging_config` as its ``log_config``
+    (applied in the parent and in every worker it spawns) and uvicorn's own level and
+    access switches left alone, since the document sets both."""
+    return {
+        "log_config": logging_config(settings, dev=dev, uvicorn_access=uvicorn_access),
+        "log_level": None,
+        "access_log": uvicorn_access,
+    }

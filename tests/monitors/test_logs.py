@@ -254,3 +254,70 @@ def test_logging_config_document_is_complete_for_uvicorn() -> None:
     config = logging_config(LoggingSettings())
     # uvicorn writes use_colors into these two when it is given a colour choice.
     assert {"default", "access"} <= set(config["formatters"])
+
+
+# A real uvicorn with two spawned workers and the options above: every line it and the
+# app write is JSON, and a request's lines carry its id.
+UVICORN = textwrap.dedent(
+    """
+    import logging, sys, uvicorn
+    from monitors.logs import LoggingSettings, request_id_var, uvicorn_log_options
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        request_id_var.set("req-" + scope["path"].strip("/"))
+        logging.getLogger("gateway.app").warning("serving")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    if __name__ == "__main__":
+        uvicorn.run("uvicorn_app:app", port=int(sys.argv[1]),
+                    workers=2, **uvicorn_log_options(LoggingSettings()))
+    """
+)
+
+
+def test_uvicorn_with_two_workers_logs_json_lines(tmp_path: object) -> None:
+    from pathlib import Path
+
+    import httpx
+
+    from tests.support import free_port, wait_until
+
+    directory = Path(str(tmp_path))
+    (directory / "uvicorn_app.py").write_text(UVICORN)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    env["PYTHONPATH"] = f"{directory}:{REPO_ROOT}"
+    log = directory / "uvicorn.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "uvicorn_app.py", str(port)],
+            cwd=directory, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+
+        def answers() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/one", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(answers, 30, interval=0.2, what="uvicorn")
+        httpx.get(f"http://127.0.0.1:{port}/two", headers={"connection": "close"}, timeout=5)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    loggers = {line["log"]["logger"] for line in lines}
+    assert {"uvicorn.error", "gateway.app"} <= loggers
+    serving = [line for line in lines if line["message"] == "serving"]
+    assert {line["http"]["request"]["id"] for line in serving} >= {"req-one", "req-two"}
+    assert len({line["process"]["pid"] for line in lines}) >= 2  # the parent and a worker
