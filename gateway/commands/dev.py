@@ -222,10 +222,12 @@ def _run(layout: DevLayout, stop: StopOnSignal) -> None:
         announce_when_ready(f"{url}/readyz", banner, stop)
 
     configure_logging("warning")
-    if not layout.embedded:
+    if layout.embedded:
+        _run_with_tier(settings, layout.config_path, on_server)
+    else:
         run_server(settings, layout.config_path, "warning", True, on_server)
-        return
-    _run_with_tier(settings, layout.config_path, on_server)
+    if stop.requested.is_set():
+        err.print("stopped")
 
 
 def _run_with_tier(settings: Settings, config_path: Path, on_server: Any) -> None:

@@ -146,6 +146,8 @@ def test_readme_dev_commands_work_from_another_folder(tmp_path: Path, up: Upstre
     finally:
         code = dev.stop()
     assert code == 0, dev.output()[-3000:]
+    # The dev console shows a line per request (issue 14 item 21).
+    assert '"POST /v1/chat/completions HTTP/1.1" 200' in dev.output(), dev.output()[-3000:]
     # Only bastion dev made secrets, all in the project's .bastion/, private.
     state = project / ".bastion"
     for name in ("master.key", "signing.key", "admin.key"):
@@ -227,7 +229,7 @@ def _readme_bastion_lines() -> list[str]:
 
 def test_every_bastion_command_in_the_readme_exists_with_its_options() -> None:
     lines = _readme_bastion_lines()
-    assert len(lines) >= 20, lines
+    assert len(lines) >= 10, lines
     runner = CliRunner()
     for line in lines:
         words = line.split()[1:]
