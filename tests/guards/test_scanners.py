@@ -193,7 +193,7 @@ PII = {
     "PHONE": "call +44 20 7946 0958 or +1 (415) 555-2671",
     "CREDIT_CARD": "card 4111 1111 1111 1111 exp 12/29",
     "IBAN": "IBAN DE89 3704 0044 0532 0130 00 please",
-    "IP_ADDRESS": "from 203.0.113.42 and 2001:db8::8a2e:370:7334",
+    "IP_ADDRESS": "from 10.0.0.7 and 2001:db8::8a2e:370:7334",
     "US_SSN": "SSN 219-09-9999",
     "UK_NINO": "NI number AB 12 34 56 C",
     "DE_TAX_ID": "Steuer-ID 86095742719",
