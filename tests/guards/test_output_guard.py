@@ -414,3 +414,28 @@ async def test_redacted_choices_lose_their_logprobs() -> None:
     out += await filter_.feed(chunk(finish="stop") + DONE)  # type: ignore[union-attr]
     assert SECRET not in out.decode()
     assert stream_text(out)[0] == "token [REDACTED_SECRET] ok"
+
+
+async def test_stream_with_two_choices_interleaved() -> None:
+    call = await prepared("I am jane@example.com and bob@example.org", stream=True)
+    filter_ = OutputGuard(GuardSettings()).for_call(call)
+
+    def piece(index: int, text: str | None, finish: str | None = None) -> bytes:
+        delta = {} if text is None else {"content": text}
+        choice = {"index": index, "delta": delta, "finish_reason": finish}
+        return b"data: " + orjson.dumps({"id": "c", "choices": [choice]}) + b"\n\n"
+
+    out = b""
+    for index, text in [(0, "Hi [EMA"), (1, "Yo [EMAIL_"), (0, "IL_1] a"), (1, "2] b"), (0, " c")]:
+        out += await filter_.feed(piece(index, text))  # type: ignore[union-attr]
+    out += await filter_.feed(piece(0, None, "stop"))  # type: ignore[union-attr]
+    out += await filter_.feed(piece(1, " d", "stop") + DONE)  # type: ignore[union-attr]
+    texts: dict[int, str] = {}
+    for event in out.split(b"\n\n"):
+        if event.startswith(b"data: {"):
+            for choice in orjson.loads(event[6:])["choices"]:
+                texts[choice["index"]] = texts.get(choice["index"], "") + (
+                    choice.get("delta", {}).get("content") or ""
+                )
+    assert texts == {0: "Hi jane@example.com a c", 1: "Yo bob@example.org b d"}
+    assert out.endswith(DONE)
