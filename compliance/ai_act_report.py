@@ -58,6 +58,12 @@ class SystemFacts:
     watermark_delta: float
     watermark_z_threshold: float
     events_shipped: bool = False
+    """A shipper is running in this gateway (not merely configured)."""
+    events_status: str = "off"
+    """What the running shipper does now: delivering, spooling (the cluster is down or
+    slow: events wait on disk), starting, or off."""
+    event_sinks: tuple[str, ...] = ()
+    """Where this gateway's request events go (audit, metrics, events...), as registered."""
     retention_interval_s: float = 0.0
     """How often the gateway applies retention itself; 0: only ``bastion audit retention``."""
     guards: tuple[str, ...] = ()
@@ -222,7 +228,9 @@ def _data(facts: SystemFacts) -> list[str]:
         "- Metadata in clear: time, request id, key id, subject pseudonym, model, route, "
         "status, token counts, latencies, guard and watermark verdicts",
         f"- Retention: {facts.retention_days} days, enforced {_retention_schedule(facts)}",
-        f"- Events shipped to Elasticsearch: {'yes' if facts.events_shipped else 'no'}",
+        f"- Events shipped to Elasticsearch/OpenSearch: "
+        f"{'yes, ' + facts.events_status if facts.events_shipped else 'no'}",
+        f"- Request events go to: {', '.join(facts.event_sinks) or 'nowhere'}",
         "",
     ]
 
@@ -340,6 +348,8 @@ def open_gaps(facts: SystemFacts, figures: Figures) -> list[str]:
         gaps.append("The listener does not terminate TLS itself (check the proxy in front).")
     if not facts.events_shipped:
         gaps.append("Events are not shipped to Elasticsearch.")
+    elif facts.events_status != "delivering":
+        gaps.append(f"Event shipping is {facts.events_status}: the cluster is not taking events.")
     gaps.append("Accuracy is measured only as error rates: no task-quality evaluation.")
     return gaps
 

@@ -147,6 +147,14 @@ class BastionApp:
         # (HSTS on TLS answers: a default header of the listener, gateway.tls.)
         self._stack: ASGIApp = RequestIdMiddleware(observed)
 
+    def sink_status(self) -> dict[str, str]:
+        """Where this gateway's request events go, and what each sink does now."""
+        status = {"audit": "durable"} if self.audit is not None else {}
+        for sink in self.sinks.sinks:
+            report = getattr(sink, "status", None)
+            status[sink.name] = report() if callable(report) else "registered"
+        return status
+
     @staticmethod
     def _sink_failed(name: str) -> None:
         EVENT_SINK_DROPPED.labels(name).inc()
@@ -197,7 +205,7 @@ class BastionApp:
 
         privacy, subject = self.privacy, "/privacy/subjects/{subject_id}"
         audit = self.compliance
-        reports = ComplianceReports(self.settings, self.engine, self.audit)
+        reports = ComplianceReports(self.settings, self.engine, self.audit, self.sink_status)
 
         return [
             model_route("/v1/chat/completions", ChatCompletionRequest, streams=True),

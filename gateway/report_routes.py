@@ -12,10 +12,10 @@ import asyncio
 import importlib.metadata
 import shutil
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from prometheus_client import REGISTRY
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Engine
 from starlette.background import BackgroundTask
@@ -35,6 +35,7 @@ from gateway.errors import InvalidRequest, ServiceUnavailable
 from gateway.middleware.auth import principal_of
 from gateway.rbac import ROLE_PERMISSIONS
 from gateway.schemas import parse_json_model
+from monitors.multiprocess import exposition_registry
 
 EXPORT_BODY_LIMIT = 256 * 1024
 
@@ -60,10 +61,18 @@ def _us(moment: datetime) -> int:
 class ComplianceReports:
     """Exports and the AI Act report, for callers holding ``audit:read``."""
 
-    def __init__(self, settings: Settings, engine: Engine, audit: AuditTrail | None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        audit: AuditTrail | None,
+        sinks: Callable[[], dict[str, str]] = dict,
+    ) -> None:
+        """``sinks``: the running gateway's event sinks by name, with what each does now."""
         self._settings = settings
         self._engine = engine
         self._audit = audit
+        self._sinks = sinks
 
     async def export(self, request: Request) -> Response:
         raw = await read_body(request.scope, request.receive, EXPORT_BODY_LIMIT)
@@ -155,6 +164,7 @@ class ComplianceReports:
     def facts(self) -> ai_act_report.SystemFacts:
         s = self._settings
         limits = s.rate_limits
+        sinks = self._sinks()
         return ai_act_report.SystemFacts(
             version=_version(),
             models=tuple(s.models()),
@@ -182,7 +192,9 @@ class ComplianceReports:
             watermark_gamma=s.watermark.gamma,
             watermark_delta=s.watermark.delta,
             watermark_z_threshold=s.watermark.z_threshold,
-            events_shipped=s.elasticsearch_url is not None,
+            events_shipped="events" in sinks,
+            events_status=sinks.get("events", "off"),
+            event_sinks=tuple(sinks),
             watermark_counter=_watermark_counter(),
         )
 
@@ -195,9 +207,10 @@ def _version() -> str:
 
 
 def _watermark_counter() -> dict[str, float]:
-    """bastion_watermark_verdicts_total of this process, by verdict."""
+    """bastion_watermark_verdicts_total of every worker, by verdict."""
     counts = {}
+    registry = exposition_registry()
     for verdict in ("watermarked", "absent"):
-        value = REGISTRY.get_sample_value("bastion_watermark_verdicts_total", {"verdict": verdict})
+        value = registry.get_sample_value("bastion_watermark_verdicts_total", {"verdict": verdict})
         counts[verdict] = value or 0.0
     return counts

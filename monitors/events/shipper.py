@@ -224,6 +224,12 @@ class EventShipper:
     def _up(self) -> bool:
         return self._delivery is not None and self._delivery.up()
 
+    def status(self) -> str:
+        """What it does now: ``starting``, ``delivering``, or ``spooling`` (cluster down)."""
+        if self._delivery is None:
+            return "starting"
+        return "delivering" if self._up() else "spooling"
+
     async def _ship(self, items: list[Item]) -> list[Item]:
         return await self.delivery.ship(items)
 

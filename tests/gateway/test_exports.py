@@ -164,6 +164,9 @@ def test_ai_act_report_from_the_live_gateway(exported: tuple[Any, Path, Path, st
     assert "`dev-model`" in r.text and "audit-up" in r.text
     assert "logs are kept 90 days" in r.text  # the default retention is under six months
     assert "| 2xx | 5 | 100.0 % |" in r.text
+    # What the running gateway does, not what a setting names.
+    assert "Events shipped to Elasticsearch/OpenSearch: no" in r.text
+    assert "Request events go to: audit, metrics" in r.text
     html = gateway.http.get("/compliance/reports/ai-act", headers={"accept": "text/html"})
     assert html.headers["content-type"].startswith("text/html")
     assert "<h2>1. System description</h2>" in html.text

@@ -44,6 +44,10 @@ def test_calls_are_shipped_and_an_erased_subject_leaves_the_cluster(
         assert PROMPT not in str(docs)  # no payloads unless events.payloads
         assert {d["_id"] for d in docs} <= {d["http"]["request"]["id"] for d in docs}
 
+        report = gateway.http.get("/compliance/reports/ai-act", headers=bearer(auditor)).text
+        assert "Events shipped to Elasticsearch/OpenSearch: yes, delivering" in report
+        assert "Request events go to: audit, metrics, events" in report
+
         erased = gateway.http.delete("/privacy/subjects/alice", headers=bearer(auditor))
         assert erased.status_code == 200, erased.text
         events = erased.json()["destroyed"]["events"]
