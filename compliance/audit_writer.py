@@ -40,6 +40,22 @@ log = logging.getLogger("bastion.audit")
 
 Waiter = asyncio.Future[EntryRef] | concurrent.futures.Future[EntryRef]
 _FAILURE_PAUSE_S = 0.05
+LOCK_RETRY_S = 5.0
+"""How long a batch that met a lock conflict is tried again before its calls fail."""
+# SQLite's primary result codes for a busy or locked database; PostgreSQL's SQLSTATEs for
+# a serialization failure, a deadlock victim and a lock not available.
+_SQLITE_LOCK_CODES = frozenset({5, 6})
+_POSTGRES_LOCK_STATES = frozenset({"40001", "40P01", "55P03"})
+
+
+def is_lock_conflict(exc: BaseException) -> bool:
+    """Whether ``exc`` (a SQLAlchemy error, or the driver's) says another transaction
+    held what this one needed: worth trying again, unlike a store that is down."""
+    cause = getattr(exc, "orig", None) or exc
+    code = getattr(cause, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _SQLITE_LOCK_CODES
+    return getattr(cause, "sqlstate", None) in _POSTGRES_LOCK_STATES
 
 
 class AuditQueueFull(Exception):
@@ -61,6 +77,8 @@ class WriterStats:
     """Transactions committed with entries: entries / batches is the group-commit factor."""
     failed_batches: int = 0
     largest_batch: int = 0
+    lock_retries: int = 0
+    """Batches tried again after a lock conflict (:func:`is_lock_conflict`)."""
 
 
 class AuditWriter:
@@ -217,8 +235,9 @@ class AuditWriter:
             log.exception("audit writer %s: the final checkpoint failed", self.writer_id)
 
     def _write(self, batch: list[tuple[PreparedRecord, Waiter]]) -> None:
+        records = [prepared for prepared, _ in batch]
         try:
-            refs = self.appender.append_prepared([prepared for prepared, _ in batch])
+            refs = self._append_riding_out_locks(records)
         except Exception as exc:
             self.stats.failed_batches += 1
             log.error("audit writer %s: a batch of %d failed: %s", self.writer_id, len(batch), exc)
@@ -231,6 +250,31 @@ class AuditWriter:
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         _resolve_all([waiter for _, waiter in batch], refs)
+
+    def _append_riding_out_locks(self, records: list[PreparedRecord]) -> list[EntryRef]:
+        """The batch, committed; a lock conflict is tried again for up to LOCK_RETRY_S.
+
+        A store that is up must not fail a call because another writer held it a moment:
+        SQLite waits out a held lock (its busy timeout) but answers some conflicts at once
+        (a snapshot gone stale, WAL recovery by another process at start-up), PostgreSQL
+        may pick this transaction as a deadlock's victim. The batch is all or nothing and
+        the appender re-reads its head after a failure, so trying again is safe."""
+        deadline = time.monotonic() + LOCK_RETRY_S
+        pause = _FAILURE_PAUSE_S / 5
+        while True:
+            try:
+                return self.appender.append_prepared(records)
+            except Exception as exc:
+                if not is_lock_conflict(exc) or time.monotonic() + pause > deadline:
+                    raise
+                self.stats.lock_retries += 1
+                log.warning(
+                    "audit writer %s: the store was locked (%s); trying again",
+                    self.writer_id,
+                    type(exc).__name__,
+                )
+                time.sleep(pause)
+                pause = min(pause * 2, 0.5)
 
     def _checkpoint(self) -> None:
         try:

@@ -76,10 +76,14 @@ def sqlite_file(url: str) -> Path | None:
     return Path(database)
 
 
-def make_engine(url: str) -> Engine:
+SQLITE_BUSY_TIMEOUT_S = 30.0
+"""How long a SQLite connection waits for another's lock before it reports one."""
+
+
+def make_engine(url: str, *, busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> Engine:
     url = normalise_url(url)
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30})
+        engine = create_engine(url, connect_args={"timeout": busy_timeout_s})
         path = sqlite_file(url)
         if path is not None:
 

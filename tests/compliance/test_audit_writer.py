@@ -210,3 +210,60 @@ def test_record_checks_take_the_exact_path_only_when_needed() -> None:
             prepare(AuditRecord(**changes))  # type: ignore[arg-type]
     ref = EntryRef("w", 3, b"h")
     assert ref.id == str(ref) == "w:3" and ref == EntryRef("w", 3, b"h")
+
+
+@pytest.mark.parametrize("retry_s", [5.0, 0.0])
+def test_the_first_call_rides_out_another_writer_holding_the_store(
+    tmp_path: Any, retry_s: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14 item 22: a healthy SQLite store failed a gateway's first call once, while
+    another writer (a migration, the retention job's lease) held it at start-up. Here that
+    writer holds the write lock longer than the writer's busy timeout: the first record
+    still becomes durable, after the lock is released, and no call fails."""
+    import sqlite3
+
+    from compliance.keyring import KeyRing
+    from gateway.store import migrate
+    from tests.compliance.conftest import MASTER_KEY
+
+    path = tmp_path / "audit.db"
+    setup = make_engine(f"sqlite:///{path}")
+    migrate(setup)
+    setup.dispose()
+    # A short busy timeout makes the conflict certain; production's 30 s only makes it rarer.
+    engine = make_engine(f"sqlite:///{path}", busy_timeout_s=0.05)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    appender = ChainAppender(engine, KeyRing(engine, MASTER_KEY), Ed25519PrivateKey.generate())
+    held, release = threading.Event(), threading.Event()
+
+    def other_writer() -> None:
+        connection = sqlite3.connect(path, isolation_level=None, timeout=0)
+        connection.execute("BEGIN IMMEDIATE")  # the write lock, as a migration holds it
+        connection.execute("UPDATE audit_entries SET kind = kind WHERE 0")
+        held.set()
+        release.wait(5)
+        connection.execute("COMMIT")
+        connection.close()
+
+    import compliance.audit_writer
+
+    monkeypatch.setattr(compliance.audit_writer, "LOCK_RETRY_S", retry_s)
+    thread = threading.Thread(target=other_writer)
+    thread.start()
+    held.wait(5)
+    try:
+        with AuditWriter(appender) as writer:
+            threading.Timer(0.4, release.set).start()
+            if retry_s == 0:  # without trying again, the call fails: the race is real
+                with pytest.raises(AuditWriteError, match="database is locked"):
+                    writer.write(request_record(1), timeout=10)
+                return
+            ref = writer.write(request_record(1), timeout=10)
+            assert ref.seq == 1
+            assert writer.stats.lock_retries >= 1 and writer.stats.failed_batches == 0
+    finally:
+        release.set()
+        thread.join()
+        engine.dispose()
+    assert count(make_engine(f"sqlite:///{path}")) == 1
