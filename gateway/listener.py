@@ -41,16 +41,14 @@ A request must carry exactly one ``Host`` header (RFC 9112 section 3.2; HTTP/1.0
 omit it): a missing or repeated one gets 400.
 
 The copied parts (``data_received``, ``on_headers_complete``, the response start) follow
-one uvicorn version, :data:`UVICORN_VERSION`: at import, uvicorn's originals are compared
+one uvicorn version (gateway/uvicorn_pin.py): at import, uvicorn's originals are compared
 with the fingerprints of that version, and a mismatch stops start-up with a message
-(:func:`check_uvicorn`) instead of running a copy of code that changed underneath it.
+instead of running a copy of code that changed underneath it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import inspect
 import logging
 import os
 import re
@@ -58,7 +56,6 @@ import types
 from typing import Any
 
 import httptools
-import uvicorn
 from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import (
     HEADER_RE,
@@ -71,6 +68,9 @@ from uvicorn.protocols.http.httptools_impl import (
 from gateway.asgi import RAW_HEADERS, raw_header_pairs
 from gateway.errors import error_body
 from gateway.tls import connection_tls
+from gateway.uvicorn_pin import check_uvicorn
+
+check_uvicorn()  # before anything below runs copied or re-bound uvicorn code
 
 log = logging.getLogger("gateway.listener")
 
@@ -87,52 +87,6 @@ HEAD_TIMEOUT_S = 60.0
 # is 60 s; an LLM request's body is a few kilobytes to a few megabytes).
 BODY_TIMEOUT_S = 30.0
 BODY_TIMEOUT_ENV = "BASTION_SERVER__BODY_TIMEOUT_S"
-
-UVICORN_VERSION = "0.54.0"
-"""The uvicorn whose httptools protocol this module copies parts of (pinned in pyproject)."""
-# The first 16 hex digits of the SHA-256 of the source of each uvicorn function the
-# listener copies or reruns with other globals, as in UVICORN_VERSION. Update both
-# together, after re-reading the copies.
-UVICORN_FINGERPRINTS = {
-    "HttpToolsProtocol.data_received": "010a7ae59a5d3b1a",
-    "HttpToolsProtocol.on_headers_complete": "1ea8589acfad92d8",
-    "HttpToolsProtocol.on_message_complete": "1fbad42dc31fc01f",
-    "RequestResponseCycle.send": "abdd8601b326a8da",
-}
-
-
-class UvicornMismatch(RuntimeError):
-    """The installed uvicorn is not the one gateway/listener.py was written against."""
-
-
-def uvicorn_fingerprints() -> dict[str, str]:
-    """The installed uvicorn's fingerprints of the functions the listener copies."""
-    found = {}
-    for name in UVICORN_FINGERPRINTS:
-        owner, attribute = name.split(".")
-        function = getattr(getattr(httptools_impl, owner), attribute)
-        found[name] = hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:16]
-    return found
-
-
-def check_uvicorn() -> None:
-    """Raise :class:`UvicornMismatch` unless the copied uvicorn code is the pinned one."""
-    changed = sorted(
-        name
-        for name, digest in uvicorn_fingerprints().items()
-        if digest != UVICORN_FINGERPRINTS[name]
-    )
-    if changed:
-        raise UvicornMismatch(
-            f"gateway/listener.py copies parts of uvicorn {UVICORN_VERSION}'s httptools "
-            f"protocol, but uvicorn {uvicorn.__version__} is installed and its "
-            f"{', '.join(changed)} differ: install uvicorn=={UVICORN_VERSION} (pyproject "
-            "pins it), or review the copies against the new version and update "
-            "UVICORN_VERSION and UVICORN_FINGERPRINTS."
-        )
-
-
-check_uvicorn()
 
 
 def body_timeout_s() -> float:

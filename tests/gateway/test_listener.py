@@ -866,9 +866,11 @@ def threading_sleep(seconds: float) -> None:
 
 
 def test_the_copied_uvicorn_code_is_the_pinned_version(monkeypatch: pytest.MonkeyPatch) -> None:
-    listener.check_uvicorn()  # as at import
-    assert listener.uvicorn_fingerprints() == listener.UVICORN_FINGERPRINTS
-    changed = {**listener.UVICORN_FINGERPRINTS, "RequestResponseCycle.send": "0" * 16}
-    monkeypatch.setattr(listener, "UVICORN_FINGERPRINTS", changed)
-    with pytest.raises(listener.UvicornMismatch, match=r"RequestResponseCycle\.send differ"):
-        listener.check_uvicorn()
+    from gateway import uvicorn_pin
+
+    uvicorn_pin.check_uvicorn()  # as at the listener's import
+    assert uvicorn_pin.uvicorn_fingerprints() == uvicorn_pin.UVICORN_FINGERPRINTS
+    changed = {**uvicorn_pin.UVICORN_FINGERPRINTS, "RequestResponseCycle.send": "0" * 16}
+    monkeypatch.setattr(uvicorn_pin, "UVICORN_FINGERPRINTS", changed)
+    with pytest.raises(uvicorn_pin.UvicornMismatch, match=r"RequestResponseCycle\.send differ"):
+        uvicorn_pin.check_uvicorn()
