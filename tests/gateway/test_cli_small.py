@@ -144,3 +144,37 @@ def test_audit_commands_read_relative_paths_from_the_configurations_folder(
     done = runner.invoke(app, ["audit", "public-key", "--config", str(config)])
     assert done.exit_code == 0, done.output
     assert done.output.startswith("-----BEGIN PUBLIC KEY-----")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="to wire (lead): gateway.config._load passes the YAML document through "
+    "gateway.config_paths.resolve_relative_paths(cls, yaml_doc, folder of the file); "
+    "then remove this marker",
+)
+def test_gateway_settings_resolve_relative_paths_against_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in [n for n in __import__("os").environ if n.startswith("BASTION_")]:
+        monkeypatch.delenv(name)
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    (folder / "wm.keys").write_text("k1: " + "QUFB" * 10 + "QUE=\n")
+    config = folder / "bastion.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "database_url": "sqlite:///state/bastion.db",
+                "master_key_file": "master.key",
+                "watermark": {"keys_file": "wm.keys"},
+                "upstreams": [{"name": "a", "url": "http://h:1", "models": ["m"]}],
+            }
+        )
+    )
+    monkeypatch.chdir(tmp_path)
+    done = CliRunner().invoke(app, ["config", "check", "--config", str(config)])
+    assert done.exit_code == 0, done.output
+    shown = yaml.safe_load(done.output)
+    assert shown["database_url"] == f"sqlite:///{folder}/state/bastion.db"
+    assert shown["master_key_file"] == str(folder / "master.key")
+    assert shown["watermark"]["keys_file"] == str(folder / "wm.keys")
