@@ -12,7 +12,7 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, Router, request_response
+from starlette.routing import Match, Route, Router, request_response
 
 from gateway.admin_routes import KeyAdmin
 from gateway.admission import Admission
@@ -22,6 +22,8 @@ from gateway.audit_trail import AuditCheck, AuditTrail
 from gateway.compliance_routes import ComplianceRoutes
 from gateway.config import Settings, load_settings
 from gateway.credentials import derive_key, load_audit_signing_key, load_master_key
+from gateway.guards.input_check import InputGuard
+from gateway.guards.output_filter import OutputGuard
 from gateway.health import HealthChecker
 from gateway.keys import KeyCache, KeyHasher, KeyStore
 from gateway.middleware.auth import (
@@ -59,6 +61,7 @@ from gateway.watermark_check import (
     WatermarkFilterSource,
     load_watermark_keys,
 )
+from monitors.access_log import AccessLogSink
 from monitors.events.shipper import EventShipper
 from monitors.metrics import EVENT_SINK_DROPPED
 from monitors.metrics_sink import MetricsSink
@@ -124,6 +127,11 @@ class BastionApp:
         if settings.watermark.enabled:
             keys = load_watermark_keys(settings.watermark)
             self.watermark = WatermarkDetector(settings.watermark, keys)
+        self.input_guard: InputGuard | None = None
+        self.output_guard: OutputGuard | None = None
+        if settings.guards.enabled:
+            self.input_guard = InputGuard(settings.guards, settings.watermark.tokenizers)
+            self.output_guard = OutputGuard(settings.guards)
         self.checks = self._request_checks()
         self.answer_filters = self._answer_filters()
         durable: list[DurableSink] = [self.audit] if self.audit is not None else []
@@ -143,9 +151,23 @@ class BastionApp:
         self.sinks.add(self.metrics)
         if self.events is not None:
             self.sinks.add(self.events)
-        observed = ObserverMiddleware(ErrorMiddleware(authentication), self.sinks, routes)
+        self.access_log: AccessLogSink | None = None
+        if settings.logging.access_log:
+            self.access_log = AccessLogSink(settings.logging)
+            self.sinks.add(self.access_log)
+        observed = ObserverMiddleware(
+            ErrorMiddleware(authentication), self.sinks, routes, self._route_template
+        )
         # (HSTS on TLS answers: a default header of the listener, gateway.tls.)
         self._stack: ASGIApp = RequestIdMiddleware(observed)
+
+    def _route_template(self, scope: Scope) -> str | None:
+        """The route a request refused before routing was for (a 401 names its route)."""
+        for route in self.router.routes:
+            match, _ = route.matches(scope)
+            if match is not Match.NONE and isinstance(route, Route):
+                return route.path
+        return None
 
     def sink_status(self) -> dict[str, str]:
         """Where this gateway's request events go, and what each sink does now."""
@@ -170,13 +192,17 @@ class BastionApp:
             ModelResolution(self.pool),
             AdmissionCheck(self.admission),
         ]
+        if self.input_guard is not None:  # after admission: a refused call costs no scan
+            checks.append(self.input_guard)
         return checks
 
     def _answer_filters(self) -> list[AnswerFilterSource]:
         """What a text answer passes through before the client sees it, in order."""
         filters: list[AnswerFilterSource] = [AnswerTextFilter()]
-        if self.watermark is not None:
+        if self.watermark is not None:  # the model's own text, before guards change it
             filters.append(WatermarkFilterSource(self.watermark))
+        if self.output_guard is not None:
+            filters.append(self.output_guard)
         return filters
 
     def _routes(self) -> list[Route]:
@@ -304,6 +330,11 @@ class BastionApp:
             if self.events is not None:
                 await self.events.stop()  # ships or spools what is queued
             self.metrics.flush()
+            if self.access_log is not None:
+                self.access_log.close()
+            for guard in (self.input_guard, self.output_guard):
+                if guard is not None:
+                    guard.close()
             if multiprocess_enabled():
                 mark_worker_dead()  # this worker's live gauges leave the sum
 

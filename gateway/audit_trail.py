@@ -33,6 +33,7 @@ from compliance.audit_writer import AuditWriteError, AuditWriter, AuditWriterClo
 from compliance.records import REQUEST, AuditRecord
 from gateway.config import AuditSettings
 from gateway.errors import InvalidRequest, ServiceUnavailable
+from gateway.guards.call_summary import guard_summary
 from gateway.pipeline import CallContext
 from gateway.store_probe import StoreProbe
 from gateway.watermark_check import STATE_KEY as WATERMARK_STATE
@@ -163,6 +164,9 @@ _EXCERPT_BYTES = 512
 
 def _call_payload(call: CallContext) -> dict[str, Any]:
     payload: dict[str, Any] = {"request": call.request}
+    guards = guard_summary(call)
+    if guards is not None:  # what was scanned, found and changed (descriptions, no matches)
+        payload["guards"] = guards
     if call.answer is not None:
         payload["response"] = _json_or_text(call.answer)
     cut = call.event.cut

@@ -33,8 +33,11 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from gateway.guards.settings import GuardSettings
 from inference.settings import InferenceSettings
 from monitors.events.settings import EventSettings
+from monitors.logs import LoggingSettings
+from monitors.metrics_listener import parse_listen
 
 CONFIG_ENV_VAR = "BASTION_CONFIG"
 
@@ -114,6 +117,17 @@ class ServerSettings(Section):
     max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     """The most a request's head (target and headers) may take: a larger one is answered
     431 and its connection closed, before the rest of it is read."""
+    metrics_listen: str | None = None
+    """An internal ``host:port`` serving only ``/metrics``, every worker summed, without a
+    key (for a Prometheus on a private network); None: only the keyed ``/metrics``."""
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_listen(value)
+        return value
+
     max_json_depth: int = Field(default=64, ge=4, le=200)
     """The deepest nesting of arrays and objects a model call's body may have (400 past
     it). Well under the audit encoder's 254, so whatever is forwarded can be recorded."""
@@ -346,6 +360,10 @@ class Settings(StoreSettings):
     inference: InferenceSettings = InferenceSettings()
     """The vLLM tier that ``bastion inference serve`` starts (inference/settings.py)."""
     audit: AuditSettings = AuditSettings()
+    guards: GuardSettings = GuardSettings()
+    """Input and output guards (gateway/guards/settings.py, docs/guards.md); on by default."""
+    logging: LoggingSettings = LoggingSettings()
+    """Structured logs and the access log (monitors/logs.py)."""
     events: EventSettings = EventSettings()
     """Request events shipped to Elasticsearch/OpenSearch (monitors/events/settings.py);
     ``BASTION_ELASTICSEARCH_URL`` (``elasticsearch_url``) sets ``events.url``."""

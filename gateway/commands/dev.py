@@ -225,7 +225,7 @@ def _run(layout: DevLayout, stop: StopOnSignal) -> None:
     if layout.embedded:
         _run_with_tier(settings, layout.config_path, on_server)
     else:
-        run_server(settings, layout.config_path, "warning", True, on_server)
+        run_server(settings, layout.config_path, None, False, on_server)
     if stop.requested.is_set():
         err.print("stopped")
 
@@ -239,6 +239,6 @@ def _run_with_tier(settings: Settings, config_path: Path, on_server: Any) -> Non
         with running_tier(
             settings.inference, err, tier_watermark_env(settings.inference, settings.watermark)
         ):
-            run_server(settings, config_path, "warning", True, on_server)
+            run_server(settings, config_path, None, False, on_server)
     except LaunchError as exc:
         report_launch_error(exc, settings.inference.python)

@@ -22,18 +22,27 @@ if TYPE_CHECKING:
 def run_server(
     settings: Settings,
     config: Path | None,
-    log_level: str,
+    log_level: str | None,
     access_log: bool,
     on_server: Callable[[uvicorn.Server], None] | None = None,
 ) -> None:
     """Check secrets and schema, then run uvicorn with the gateway until it stops.
 
-    ``on_server`` receives the (one-process) server before it starts, so that a caller
-    can stop it (``should_exit``) from a signal handler at any moment of its start-up.
+    ``log_level`` (the command line's) wins over ``logging.level``; ``access_log`` adds
+    uvicorn's own request lines to the gateway's access log. ``on_server`` receives the
+    (one-process) server before it starts, so that a caller can stop it
+    (``should_exit``) from a signal handler at any moment of its start-up.
     """
     import importlib.util
 
     import uvicorn
+
+    from monitors.logs import configure_logging, uvicorn_log_options
+
+    if log_level is not None:
+        logging_settings = settings.logging.model_copy(update={"level": log_level.lower()})
+        settings = settings.model_copy(update={"logging": logging_settings})
+    configure_logging(settings.logging, dev=settings.dev)
 
     from gateway.ratelimit import check_workers_rate_limits
     from gateway.uvicorn_pin import UvicornMismatch, check_uvicorn
@@ -63,8 +72,7 @@ def run_server(
     options: dict[str, Any] = {
         "host": server.host,
         "port": server.port,
-        "log_level": log_level,
-        "access_log": access_log,
+        **uvicorn_log_options(settings.logging, dev=settings.dev, uvicorn_access=access_log),
         "proxy_headers": False,
         "server_header": False,
         "timeout_graceful_shutdown": 10,
@@ -88,17 +96,23 @@ def run_server(
         from monitors.multiprocess import MultiprocessDirError, prepare_multiprocess_dir
 
         try:
-            prepare_multiprocess_dir(None)
+            directory = prepare_multiprocess_dir(None)
         except MultiprocessDirError as exc:
             fail(f"metrics: {exc}")
+        if server.metrics_listen:
+            from monitors.metrics_listener import serve_metrics_listener
+
+            serve_metrics_listener(server.metrics_listen, directory)
         uvicorn.run("gateway.app:create_app", factory=True, workers=server.workers, **options)
         return
+    if server.metrics_listen:
+        from monitors.metrics_listener import serve_metrics_listener
+
+        serve_metrics_listener(server.metrics_listen, None)
     from gateway.app import build_app
 
     # uvicorn.run(app, **options), with the server object in hand.
     uvicorn_config = uvicorn.Config(build_app(settings), **options)
-    if access_log:  # request lines are INFO: show them whatever --log-level says
-        logging.getLogger("uvicorn.access").setLevel(logging.INFO)
     server_ = uvicorn.Server(uvicorn_config)
     if on_server is not None:
         on_server(server_)
@@ -142,12 +156,16 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Listen address.")] = None,
     port: Annotated[int | None, typer.Option(help="Listen port.")] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes.")] = None,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "warning",
-    access_log: Annotated[bool, typer.Option(help="Log every request line.")] = False,
+    log_level: Annotated[
+        str | None, typer.Option(help="debug, info, warning, error (default: logging.level).")
+    ] = None,
+    access_log: Annotated[
+        bool, typer.Option(help="uvicorn's request lines too (the access log has one each).")
+    ] = False,
 ) -> None:
     """Run the gateway."""
     server = {"host": host, "port": port, "workers": workers}
     overrides = {k: v for k, v in server.items() if v is not None}
     settings = load(config, server=overrides or None)
-    configure_logging(log_level)
+    configure_logging(log_level or settings.logging.level)
     run_server(with_dev_secrets(settings, config), config, log_level, access_log)

@@ -10,7 +10,7 @@ non-blocking sinks (metrics, logs, shipping, anomaly features) once the answer i
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from gateway.asgi import ASGIApp, Message, Receive, Scope, Send
@@ -22,11 +22,20 @@ ERROR_CODE = "error_code"
 
 
 class ObserverMiddleware:
-    def __init__(self, app: ASGIApp, sinks: CallSinks, routes: Mapping[Any, str]) -> None:
-        """``routes``: route template by endpoint (Starlette puts the endpoint in the scope)."""
+    def __init__(
+        self,
+        app: ASGIApp,
+        sinks: CallSinks,
+        routes: Mapping[Any, str],
+        match: Callable[[Scope], str | None] = lambda scope: None,
+    ) -> None:
+        """``routes``: route template by endpoint (Starlette puts the endpoint in the
+        scope); ``match``: the template a request refused before routing would have
+        reached (a 401 on /v1/chat/completions counts there, not under ``other``)."""
         self.app = app
         self._sinks = sinks
         self._routes = routes
+        self._match = match
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,7 +65,7 @@ class ObserverMiddleware:
 
     def _publish(self, scope: Scope, status: int, sent: int, started: float) -> None:
         state = scope["state"]
-        route = self._routes.get(scope.get("endpoint"))
+        route = self._routes.get(scope.get("endpoint")) or self._match(scope)
         event = request_event(scope, route or "other", state.get("principal"))
         event.kind = "refusal" if route is None or status in (401, 403) else "api"
         if route is not None and route.startswith("/v1/") and scope.get("method") == "POST":

@@ -13,6 +13,7 @@ import os
 import re
 
 from gateway.asgi import ASGIApp, Message, Receive, Scope, Send
+from monitors.logs import request_id_var
 
 _SANE_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 GATEWAY_HEADER = b"x-bastion-request-id"
@@ -43,4 +44,8 @@ class RequestIdMiddleware:
                 message["headers"] = [*message.get("headers", ()), *headers]
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        token = request_id_var.set(state["request_id"])  # on every log line of the request
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id_var.reset(token)
