@@ -79,9 +79,10 @@ def _latency_section() -> Section:
                 ],
             ),
             graph(
-                "Time to first token, broken down (p95)",
+                "Where vLLM's time goes (p95)",
                 "s",
-                "Queueing (waiting for a slot) and prefill (computing the prompt) inside vLLM.",
+                "Queueing (waiting for a slot) and prefill (computing the prompt) make up vLLM's "
+                "time to first token; decode is the rest of the answer.",
                 [
                     Query(
                         quantile(0.95, "vllm:request_queue_time_seconds", "model_name", V),

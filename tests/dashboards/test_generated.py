@@ -122,3 +122,22 @@ def test_settings_validate_and_change_the_rules(tmp_path: Path) -> None:
     path.write_text("availabilty_objective: 0.99\n")
     with pytest.raises(ValidationError, match="availabilty_objective"):
         load_slo_settings(path)
+
+
+def test_docs_name_every_panel_and_alert() -> None:
+    """docs/dashboards.md says what each dashboard answers: it lists every panel and alert."""
+    import yaml
+
+    doc = (REPO_ROOT / "docs" / "dashboards.md").read_text()
+    flat = " ".join(doc.split())
+    for uid, board in committed_dashboards().items():
+        assert f"`{uid}`" in doc
+        for panel in board["panels"]:
+            title = re.sub(r" \(objective [^)]*\)", "", panel["title"])
+            assert title in flat, f"docs/dashboards.md does not mention {uid}/{title}"
+    for path in sorted((DASHBOARDS_DIR / RULES_DIR).glob("*.yml")):
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                name = rule.get("alert") or rule["record"]
+                if "alert" in rule:
+                    assert f"| {name} |" in doc, f"docs/dashboards.md: no row for {name}"
