@@ -27,11 +27,9 @@ def _listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.mark.timeout(360)
-def test_bastion_dev_runs_the_whole_stack_and_ctrl_c_stops_it(tmp_path: Path) -> None:
-    inference_python()  # skip (or, under CI, fail) without vLLM's environment
-    port, inference_port = free_port(), free_port()
-    log_path = tmp_path / "dev.log"
+def _start_dev(
+    tmp_path: Path, port: int, inference_port: int, log_path: Path
+) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -51,6 +49,15 @@ def test_bastion_dev_runs_the_whole_stack_and_ctrl_c_stops_it(tmp_path: Path) ->
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
+    return proc
+
+
+@pytest.mark.timeout(600)
+def test_bastion_dev_runs_the_whole_stack_and_ctrl_c_stops_it(tmp_path: Path) -> None:
+    inference_python()  # skip (or, under CI, fail) without vLLM's environment
+    port, inference_port = free_port(), free_port()
+    log_path = tmp_path / "dev.log"
+    proc = _start_dev(tmp_path, port, inference_port, log_path)
     try:
         wait_until(
             lambda: ADMIN_KEY.search(log_path.read_text()) is not None or proc.poll() is not None,
@@ -64,7 +71,7 @@ def test_bastion_dev_runs_the_whole_stack_and_ctrl_c_stops_it(tmp_path: Path) ->
         assert f"on http://127.0.0.1:{port}/v1" in output
         for made in ("dev model built", "watermark key created", "master key"):
             assert made in output, made
-        wait_until(lambda: _listening(port), 30, what="the gateway's port")
+        assert _listening(port), "the banner came before the gateway listened"
 
         with OpenAI(
             base_url=f"http://127.0.0.1:{port}/v1",
@@ -91,6 +98,29 @@ def test_bastion_dev_runs_the_whole_stack_and_ctrl_c_stops_it(tmp_path: Path) ->
         for name in (".bastion/dev.yaml", ".bastion/dev.db", ".bastion/dev-model/config.json"):
             assert (tmp_path / name).exists(), name
         assert (tmp_path / ".bastion/watermark.keys").stat().st_mode & 0o077 == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+    # A second start: the same admin key; Ctrl-C the moment the banner appears stops
+    # everything at once (issue 14 item 16); vLLM's health probes stay off the console.
+    second_log = tmp_path / "dev-2.log"
+    proc = _start_dev(tmp_path, port, inference_port, second_log)
+    try:
+        wait_until(
+            lambda: "Ctrl-C stops it." in second_log.read_text() or proc.poll() is not None,
+            VLLM_START_TIMEOUT_S + 60,
+            interval=0.05,
+            what="the second start's banner",
+        )
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0, second_log.read_text()[-3000:]
+        output = second_log.read_text()
+        again = ADMIN_KEY.search(output)
+        assert again and again.group(1) == found.group(1), output[-3000:]
+        assert "vllm | " in output and "GET /health HTTP" not in output
+        assert not _listening(port) and not _listening(inference_port)
     finally:
         if proc.poll() is None:
             proc.kill()
