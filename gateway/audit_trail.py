@@ -20,8 +20,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
-import socket
 from typing import Any
 
 import orjson
@@ -30,6 +28,7 @@ from sqlalchemy import Engine
 
 from compliance.appender import CheckpointPolicy
 from compliance.audit_writer import AuditWriteError, AuditWriter, AuditWriterClosed
+from compliance.chain import default_writer_id
 from compliance.records import REQUEST, AuditRecord
 from gateway.config import AuditSettings
 from gateway.errors import InvalidRequest, ServiceUnavailable
@@ -71,8 +70,9 @@ class AuditTrail:
         policy = CheckpointPolicy(
             self.settings.checkpoint_every_entries, self.settings.checkpoint_every_s
         )
-        # One chain per process: the host and pid say whose it is.
-        writer_id = f"{socket.gethostname()[:40]}-{os.getpid()}-{os.urandom(3).hex()}"
+        # One chain per process: the host and pid say whose it is (compliance.chain's
+        # rule, which makes any host name a valid id).
+        writer_id = default_writer_id()
         self._writer = await asyncio.to_thread(
             AuditWriter.open,
             self._engine,
