@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import niquests
-from grafana_client import GrafanaApi
+from grafana_client.api import GrafanaApi
 from grafana_client.client import GrafanaClientError, GrafanaException
 
 DEFAULT_FOLDER_UID = "bastion"
@@ -49,13 +49,14 @@ class PushResult:
 
 def connect(url: str, credential: str | tuple[str, str], timeout_s: float = 10.0) -> GrafanaApi:
     """A client for ``url`` with a token or a (user, password) pair."""
-    return GrafanaApi.from_url(url=url, credential=credential, timeout=timeout_s)
+    api: GrafanaApi = GrafanaApi.from_url(url=url, credential=credential, timeout=timeout_s)
+    return api
 
 
 def ensure_folder(api: GrafanaApi, uid: str, title: str) -> bool:
     """Create the folder, or give it ``title``; True when it was created."""
     try:
-        existing = api.folder.get_folder(uid)
+        existing = api.folder.get_folder(uid)  # type: ignore[no-untyped-call]
     except GrafanaClientError as exc:
         if exc.status_code != 404:
             raise PushError(f"GET /api/folders/{uid}: {exc.message}") from exc
@@ -64,10 +65,10 @@ def ensure_folder(api: GrafanaApi, uid: str, title: str) -> bool:
         raise PushError(f"GET /api/folders/{uid}: {_reason(exc)}") from exc
     try:
         if existing is None:
-            api.folder.create_folder(title, uid=uid)
+            api.folder.create_folder(title, uid=uid)  # type: ignore[no-untyped-call]
             return True
         if existing.get("title") != title:
-            api.folder.update_folder(uid, title=title, overwrite=True)
+            api.folder.update_folder(uid, title=title, overwrite=True)  # type: ignore[no-untyped-call]
     except _FAILURES as exc:
         raise PushError(f"folder {uid}: {_reason(exc)}") from exc
     return False
@@ -87,7 +88,7 @@ def push(
         # A numeric id belongs to one Grafana instance; the uid is what identifies it.
         body = {key: value for key, value in document.items() if key != "id"}
         try:
-            answer = api.dashboard.update_dashboard(
+            answer = api.dashboard.update_dashboard(  # type: ignore[no-untyped-call]
                 {"dashboard": body, "folderUid": folder_uid, "overwrite": True, "message": message}
             )
         except _FAILURES as exc:

@@ -45,19 +45,19 @@ class SloSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    availability_objective: float = Field(0.999, gt=0, lt=1)
+    availability_objective: float = Field(default=0.999, gt=0, lt=1)
     """Share of model calls (routes under /v1/) answered without a 5xx."""
-    ttft_objective: float = Field(0.99, gt=0, lt=1)
+    ttft_objective: float = Field(default=0.99, gt=0, lt=1)
     """Share of model calls whose first token arrives within ttft_threshold_s."""
     ttft_threshold_s: float = 1.0
     """A bucket boundary of bastion_time_to_first_token_seconds."""
-    p99_ttft_bound_s: float = Field(0.5, gt=0)
+    p99_ttft_bound_s: float = Field(default=0.5, gt=0)
     """BastionP99TimeToFirstTokenHigh fires above this (deployment guides: 500 ms)."""
-    p99_overhead_bound_s: float = Field(0.2, gt=0)
+    p99_overhead_bound_s: float = Field(default=0.2, gt=0)
     """BastionP99GatewayOverheadHigh fires above this (deployment guides: 200 ms)."""
-    failure_ratio_bound: float = Field(0.01, gt=0, lt=1)
-    repetition_bound: float = Field(0.15, gt=0, lt=1)
-    prefix_cache_hit_floor: float = Field(0.85, gt=0, lt=1)
+    failure_ratio_bound: float = Field(default=0.01, gt=0, lt=1)
+    repetition_bound: float = Field(default=0.15, gt=0, lt=1)
+    prefix_cache_hit_floor: float = Field(default=0.85, gt=0, lt=1)
 
     @field_validator("ttft_threshold_s")
     @classmethod
