@@ -140,7 +140,7 @@ def sample(text: str, name: str, **labels: str) -> float | None:
 
 def test_two_workers_n_requests_one_scrape_shows_exactly_n(served: Served) -> None:
     time.sleep(0.3)  # what the key checks left pending is written
-    unknown_before = sample(served.scrape().text, "bastion_auth_failures_total", reason="unknown")
+    unknown_before = sample(served.scrape().text, "bastion_auth_failures_total", reason="malformed")
     for i in range(N):
         r = served.call(served.app_key, stream=bool(i % 3 == 0))
         assert r.status_code == 200, r.text
@@ -167,7 +167,7 @@ def test_two_workers_n_requests_one_scrape_shows_exactly_n(served: Served) -> No
         text = served.scrape().text
         assert requests_total(text, "2xx") == N
         assert requests_total(text, "4xx") == 3
-        unknown = sample(text, "bastion_auth_failures_total", reason="unknown")
+        unknown = sample(text, "bastion_auth_failures_total", reason="malformed")
         assert unknown == (unknown_before or 0) + 3
         assert sample(text, "bastion_tokens_total", model="dev-model", type="output")
         assert sample(text, "bastion_requests_in_flight", route=CHAT) in (None, 0.0)
