@@ -92,3 +92,14 @@ def has_data(answer: dict[str, Any]) -> bool:
     if data["resultType"] == "scalar":
         return not math.isnan(float(data["result"][1]))
     return any(not math.isnan(float(item["value"][1])) for item in data["result"])
+
+
+def label_values(server: PrometheusServer, label: str, match: str) -> list[str]:
+    """What Grafana's ``label_values(match, label)`` asks Prometheus (its label values API)."""
+    r = httpx.get(
+        f"{server.url}/api/v1/label/{label}/values", params={"match[]": match}, timeout=30
+    )
+    answer = r.json()
+    assert answer["status"] == "success", answer
+    values: list[str] = answer["data"]
+    return values

@@ -76,3 +76,35 @@ def write_key_file(directory: Path, key: str) -> Path:
     path.write_text(key + "\n")
     path.chmod(0o600)
     return path
+
+
+@dataclass(frozen=True)
+class VariableQuery:
+    """A dashboard variable's ``label_values(metric, label)``."""
+
+    where: str
+    metric: str
+    label: str
+
+    @property
+    def needs_gpu_host(self) -> bool:
+        return self.where.startswith("bastion-gpu/") and "vllm" not in self.metric
+
+    @property
+    def needs_vllm(self) -> bool:
+        return "vllm" in self.metric
+
+
+def variable_queries() -> list[VariableQuery]:
+    found = []
+    for path in sorted((DASHBOARDS / "grafana").glob("*.json")):
+        board = json.loads(path.read_text())
+        for variable in board["templating"]["list"]:
+            if variable["type"] != "query":
+                continue
+            text = variable["query"]["query"]
+            parsed = re.fullmatch(r"label_values\((.+), (\w+)\)", text)
+            assert parsed, f"{board['uid']}/${variable['name']}: {text}"
+            where = f"{board['uid']}/${variable['name']}"
+            found.append(VariableQuery(where, parsed.group(1), parsed.group(2)))
+    return found

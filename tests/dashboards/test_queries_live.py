@@ -28,8 +28,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.dashboards.prometheus_server import PrometheusServer, has_data
-from tests.dashboards.queries import ShippedQuery, shipped_queries, write_key_file
+from tests.dashboards.prometheus_server import PrometheusServer, has_data, label_values
+from tests.dashboards.queries import (
+    ShippedQuery,
+    shipped_queries,
+    variable_queries,
+    write_key_file,
+)
 from tests.support import (
     START_TIMEOUT_S,
     Gateway,
@@ -311,3 +316,12 @@ def test_shipped_queries_are_classified(live: Live) -> None:
     assert len(GATEWAY_QUERIES) > 60
     assert any(q.needs_vllm for q in QUERIES) and any(q.needs_gpu_host for q in QUERIES)
     assert all(isinstance(q, ShippedQuery) for q in QUERIES)
+
+
+def test_dashboard_variables_list_values(live: Live) -> None:
+    """Each $model/$instance variable's label_values() answers, with values outside the
+    GPU dashboard and vLLM."""
+    for variable in variable_queries():
+        values = label_values(live.prometheus, variable.label, variable.metric)
+        if not variable.needs_gpu_host and not variable.needs_vllm:
+            assert values, variable.where

@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from inference.dev_model import build_dev_model
-from tests.dashboards.prometheus_server import PrometheusServer, has_data
-from tests.dashboards.queries import shipped_queries, write_key_file
+from tests.dashboards.prometheus_server import PrometheusServer, has_data, label_values
+from tests.dashboards.queries import shipped_queries, variable_queries, write_key_file
 from tests.gateway.test_access import MASTER_KEY, make_key, secure_settings, wait_for_key
 from tests.support import Gateway, ProcessPool, chat_body, wait_until
 from tests.vllm_tier import WATERMARK_KEYS, InferenceTier, start_tier
@@ -115,3 +115,13 @@ def test_vllm_alerts_read_series_the_pinned_vllm_exposes(scraped: PrometheusServ
         assert scraped.query(query.promql())["status"] == "success", query.where
         for name in set(re.findall(r"vllm:[a-z_]+|model_name:vllm_[a-z_:0-9]+", query.expr)):
             assert has_data(scraped.query(f"group({name})")), f"{query.where}: no {name}"
+
+
+def test_vllm_variables_list_the_served_model(scraped: PrometheusServer) -> None:
+    variables = [v for v in variable_queries() if v.needs_vllm]
+    assert variables
+    for variable in variables:
+        values = label_values(scraped, variable.label, variable.metric)
+        assert values, variable.where
+        if variable.label == "model_name":
+            assert values == [MODEL]
