@@ -36,6 +36,18 @@ allow-lists for the role and the key, rate limits in Redis); each variant's cost
 ``1 - bare / variant``, the share of throughput it costs a CPU-bound gateway. About
 3 minutes, two variants at a time. Instruction counts are not time (a cache miss costs
 more than an add): compare them with proxy_overhead.py's figures, not instead of them.
+
+What a feature costs, per request: any variant name may end in switches that turn a
+feature off, ``-guards-off`` (``guards.enabled: false``) and ``-no-telemetry``
+(``logging.access_log: false``; the metrics sink has no setting that turns it off, so it
+stays), e.g. ``--variants bastion,bastion-guards-off,bastion-no-telemetry``; each is
+then also printed against its variant with the feature on. ``--settings JSON`` is merged
+into every variant's settings. ``--logging`` configures logging as ``bastion serve``
+does (ECS JSON on stderr), so that the access log's lines are really formatted and
+written (without it the ``bastion.access`` logger is below its level and the sink's
+thread drops what it drains). ``--multiprocess-metrics`` runs the counted process with
+``PROMETHEUS_MULTIPROC_DIR`` set, as a worker of ``bastion serve --workers N``: every
+observation is then a write into a memory-mapped file.
 """
 
 from __future__ import annotations
@@ -55,6 +67,11 @@ from pathlib import Path
 from typing import Any
 
 VARIANTS = ("bare", "bastion", "bastion-redis")
+# Suffixes of a variant's name that turn one feature off (see the module docstring).
+SWITCHES: dict[str, dict[str, Any]] = {
+    "-guards-off": {"guards": {"enabled": False}},
+    "-no-telemetry": {"logging": {"access_log": False}},
+}
 # Callgrind runs the gateway 35-50 times slower than it runs at full speed. The gateway's
 # timers that decide how much work a request costs are stretched by this much in the
 # counted process, so that they fire as often per request as they do at full speed: a
@@ -69,10 +86,45 @@ SOCKET_VARIANTS = (*VARIANTS, "bastion-secure")
 MODEL = "m1"
 
 
+def split_variant(variant: str) -> tuple[str, dict[str, Any]]:
+    """The base variant (one of SOCKET_VARIANTS) and the settings its switches change."""
+    changes: dict[str, Any] = {}
+    base = variant
+    while True:
+        suffix = next((s for s in SWITCHES if base.endswith(s)), None)
+        if suffix is None:
+            break
+        base = base[: -len(suffix)]
+        changes = deep_merge(changes, SWITCHES[suffix])
+    if base not in SOCKET_VARIANTS:
+        raise ValueError(
+            f"unknown variant {variant!r}: one of {', '.join(SOCKET_VARIANTS)},"
+            f" optionally followed by {' '.join(SWITCHES)}"
+        )
+    return base, changes
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def settings_for(
-    variant: str, workdir: Path, redis_url: str, upstream: str = "http://127.0.0.1:9"
+    variant: str,
+    workdir: Path,
+    redis_url: str,
+    upstream: str = "http://127.0.0.1:9",
+    extra: dict[str, Any] | None = None,
 ) -> Any:
+    """The settings of ``variant`` (switches included), with ``extra`` merged in last."""
     from gateway.config import Settings
+
+    variant, changes = split_variant(variant)
 
     never_throttle = {"requests_per_second": 1e9, "burst": 10**9, "tokens_per_minute": 10**12}
     common: dict[str, Any] = {
@@ -106,7 +158,7 @@ def settings_for(
         leaf.cert_chain_pems[0].write_to_path(str(certfile))
         leaf.private_key_pem.write_to_path(str(keyfile))
         common["server"] = {"tls": {"certfile": str(certfile), "keyfile": str(keyfile)}}
-    return Settings(**common)
+    return Settings(**deep_merge(deep_merge(common, changes), extra or {}))
 
 
 def chat_request(key: str) -> bytes:
@@ -152,7 +204,9 @@ class RecordingSocket(asyncio.Transport):
         pass
 
 
-async def serve(variant: str, requests: int, redis_url: str, concurrency: int) -> None:
+async def serve(
+    variant: str, requests: int, redis_url: str, concurrency: int, extra: dict[str, Any]
+) -> None:
     """Serve ``requests`` requests in process (what valgrind counts)."""
     import uvicorn
     from gateway_hotpath import ZeroCostUpstream
@@ -162,13 +216,15 @@ async def serve(variant: str, requests: int, redis_url: str, concurrency: int) -
     from gateway.listener import ListenerProtocol
 
     with tempfile.TemporaryDirectory() as tmp:
-        app = BastionApp(settings_for(variant, Path(tmp), redis_url), ZeroCostUpstream())
+        settings = settings_for(variant, Path(tmp), redis_url, extra=extra)
+        configure_logging_if_asked(settings)
+        app = BastionApp(settings, ZeroCostUpstream())
         lifespan = app._lifespan(app)
         await lifespan.__aenter__()
         try:
             key = "none"
             if app.settings.auth.enabled:
-                models = [MODEL] if variant == "bastion-redis" else None
+                models = [MODEL] if split_variant(variant)[0] == "bastion-redis" else None
                 key, _ = app.key_store.create(["app"], models=models)
                 app.key_cache.load()
             config = uvicorn.Config(app, http=ListenerProtocol, lifespan="off", access_log=False)
@@ -200,7 +256,9 @@ async def serve(variant: str, requests: int, redis_url: str, concurrency: int) -
             await lifespan.__aexit__(None, None, None)
 
 
-async def serve_over_sockets(variant: str, requests: int, redis_url: str, concurrency: int) -> None:
+async def serve_over_sockets(
+    variant: str, requests: int, redis_url: str, concurrency: int, extra: dict[str, Any]
+) -> None:
     """Serve ``requests`` requests as ``bastion serve`` does: uvicorn on a TCP port (TLS
     for bastion-secure), the gateway's own upstream client. The load and the upstream
     are a child process (``--client``), which valgrind does not follow: not counted."""
@@ -222,14 +280,16 @@ async def serve_over_sockets(variant: str, requests: int, redis_url: str, concur
     assert client.stdin is not None and client.stdout is not None
     upstream = (await client.stdout.readline()).decode().split()[-1]
     with tempfile.TemporaryDirectory() as tmp:
-        settings = settings_for(variant, Path(tmp), redis_url, upstream)
+        settings = settings_for(variant, Path(tmp), redis_url, upstream, extra)
+        configure_logging_if_asked(settings)
         app = BastionApp(settings)
         lifespan = app._lifespan(app)
         await lifespan.__aenter__()
         try:
             key = "none"
             if settings.auth.enabled:
-                models = [MODEL] if variant in {"bastion-redis", "bastion-secure"} else None
+                base = split_variant(variant)[0]
+                models = [MODEL] if base in {"bastion-redis", "bastion-secure"} else None
                 key, _ = app.key_store.create(["app"], models=models)
                 app.key_cache.load()
             options: dict[str, Any] = {"http": ListenerProtocol}
@@ -262,6 +322,17 @@ async def serve_over_sockets(variant: str, requests: int, redis_url: str, concur
     await client.wait()
     if outcome != "done":
         raise SystemExit(f"{variant}: the load failed: {outcome}")
+
+
+LOGGING_ENV = "BENCH_CHAIN_LOGGING"
+"""Set (by ``--logging``) in the counted process: configure logging as ``bastion serve``."""
+
+
+def configure_logging_if_asked(settings: Any) -> None:
+    if os.environ.get(LOGGING_ENV) == "1":
+        from monitors.logs import configure_logging
+
+        configure_logging(settings.logging, dev=False)
 
 
 async def load_and_upstream(requests: int, concurrency: int) -> None:
@@ -316,11 +387,25 @@ async def load_and_upstream(requests: int, concurrency: int) -> None:
     listening.close()
 
 
-def count(variant: str, requests: int, redis_url: str, concurrency: int, sockets: bool) -> int:
+def count(
+    variant: str,
+    requests: int,
+    redis_url: str,
+    concurrency: int,
+    sockets: bool,
+    options: argparse.Namespace,
+) -> int:
     """Instructions executed by a whole process serving ``requests`` requests."""
     env = {**os.environ, "PYTHONHASHSEED": "0", "OPENBLAS_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1])])
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env[LOGGING_ENV] = "1" if options.logging else "0"
     with tempfile.TemporaryDirectory() as tmp:
+        if options.multiprocess_metrics:
+            # Set before the counted process imports prometheus_client (it decides then).
+            metrics_dir = Path(tmp) / "metrics"
+            metrics_dir.mkdir(mode=0o700)
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         done = subprocess.run(
             [
                 "valgrind",
@@ -335,6 +420,8 @@ def count(variant: str, requests: int, redis_url: str, concurrency: int, sockets
                 redis_url,
                 "--concurrency",
                 str(concurrency),
+                "--settings",
+                json.dumps(options.settings),
                 *(["--sockets"] if sockets else []),
             ],
             capture_output=True,
@@ -365,6 +452,24 @@ def main() -> None:
         help="serve over TCP as `bastion serve` does (uvicorn, TLS, the upstream client);"
         " adds the bastion-secure variant",
     )
+    parser.add_argument(
+        "--settings",
+        type=json.loads,
+        default={},
+        metavar="JSON",
+        help='merged into every variant\'s settings, e.g. \'{"audit": {"enabled": true}}\'',
+    )
+    parser.add_argument(
+        "--logging",
+        action="store_true",
+        help="configure logging as `bastion serve` does (the access log's lines written)",
+    )
+    parser.add_argument(
+        "--multiprocess-metrics",
+        action="store_true",
+        help="metrics in prometheus_client's multiprocess mode (memory-mapped files), as"
+        " under `bastion serve --workers N`",
+    )
     parser.add_argument("--serve", nargs=2, metavar=("VARIANT", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--client", nargs=2, metavar=("N", "K"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -381,35 +486,68 @@ def main() -> None:
         gateway.ratelimit.FLUSH_EVERY_S *= TIME_STRETCH
 
         served = serve_over_sockets if args.sockets else serve
-        uvloop.run(served(args.serve[0], int(args.serve[1]), args.redis_url, args.concurrency))
+        variant, n = args.serve[0], int(args.serve[1])
+        uvloop.run(served(variant, n, args.redis_url, args.concurrency, args.settings))
         return
     if shutil.which("valgrind") is None:
         sys.exit("chain_instructions: valgrind is missing (apt-get install -y valgrind)")
     # Whole turns only: each turn serves one request per connection.
     low, high = (int(n) // args.concurrency * args.concurrency for n in args.requests.split(","))
     variants = (args.variants or ",".join(SOCKET_VARIANTS if args.sockets else VARIANTS)).split(",")
-    if "bastion-secure" in variants and not args.sockets:
+    try:
+        bases = {split_variant(v)[0] for v in variants}
+    except ValueError as exc:
+        sys.exit(f"chain_instructions: {exc}")
+    if "bastion-secure" in bases and not args.sockets:
         sys.exit("chain_instructions: bastion-secure (TLS) needs --sockets")
     jobs = [(v, n) for v in variants for n in (low, high)]
     print(f"counting {len(jobs)} processes under callgrind, two at a time...", flush=True)
     with ThreadPoolExecutor(max_workers=2) as pool:
         counted = pool.map(
-            lambda job: count(*job, args.redis_url, args.concurrency, args.sockets), jobs
+            lambda job: count(*job, args.redis_url, args.concurrency, args.sockets, args), jobs
         )
         totals = dict(zip(jobs, counted, strict=True))
     per_request = {v: (totals[v, high] - totals[v, low]) / (high - low) for v in variants}
     how = "over sockets" if args.sockets else "in process, no TLS"
+    how += ", logging as `bastion serve`" if args.logging else ""
+    how += ", multiprocess metrics" if args.multiprocess_metrics else ""
+    how += f", --settings {json.dumps(args.settings)}" if args.settings else ""
     print(
         f"\ninstructions per request (({high} - {low}) requests, {args.concurrency} at a time,"
         f" {how})"
     )
+    width = max(14, *(len(v) for v in variants))
     base = per_request.get("bare")
     for variant, instructions in per_request.items():
         cost = ""
         if base and variant != "bare":
             cost = f"+{instructions - base:,.0f}  cost {1 - base / instructions:.1%}"
-        print(f"  {variant:<14} {instructions:>10,.0f}  {cost}")
-    print(json.dumps({"instructions_per_request": per_request}))
+        print(f"  {variant:<{width}} {instructions:>10,.0f}  {cost}")
+    features = feature_costs(per_request)
+    if features:
+        print("\nwhat the switched-off features cost: the variant with them on minus without")
+        for without, (with_on, added, share) in features.items():
+            print(
+                f"  {with_on} - {without}: {added:+,.0f} instructions/request"
+                f" ({share:.1%} of {with_on}'s)"
+            )
+    print(json.dumps({"instructions_per_request": per_request, "feature_costs": features}))
+
+
+def feature_costs(per_request: dict[str, float]) -> dict[str, tuple[str, float, float]]:
+    """For each measured variant with features switched off (``bastion-guards-off``) whose
+    variant with them on (``bastion``) was measured too: that variant, the instructions
+    the features add per request, and their share of that variant's instructions."""
+    out: dict[str, tuple[str, float, float]] = {}
+    for without, instructions in per_request.items():
+        with_on = without
+        for suffix in SWITCHES:
+            with_on = with_on.replace(suffix, "")
+        on = per_request.get(with_on)
+        if with_on == without or not on:
+            continue
+        out[without] = (with_on, on - instructions, 1 - instructions / on)
+    return out
 
 
 if __name__ == "__main__":
