@@ -41,7 +41,14 @@ def test_calls_are_shipped_and_an_erased_subject_leaves_the_cluster(
         docs = server.docs(**calls)
         assert sorted(d["user"]["id"] for d in docs) == ["alice", "alice", "bob"]
         assert all(d["http"]["response"]["status_code"] == 200 for d in docs)
-        assert PROMPT not in str(docs)  # no payloads unless events.payloads
+        # The canaries (a prompt, the keys, the subject ids) are in no event, log line or
+        # metric: the three telemetry outputs of the same calls.
+        metrics = gateway.http.get("/metrics", headers=bearer(auditor)).text
+        logs = gateway.output()
+        assert "POST /v1/chat/completions 200" in logs  # the access log is on
+        for secret in (PROMPT, alice, bob, auditor):
+            assert secret not in str(docs) and secret not in logs and secret not in metrics
+        assert "alice" not in logs and "alice" not in metrics
         assert {d["_id"] for d in docs} <= {d["http"]["request"]["id"] for d in docs}
 
         report = gateway.http.get("/compliance/reports/ai-act", headers=bearer(auditor)).text
