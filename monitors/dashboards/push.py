@@ -22,9 +22,6 @@ import niquests
 from grafana_client.api import GrafanaApi
 from grafana_client.client import GrafanaClientError, GrafanaException
 
-DEFAULT_FOLDER_UID = "bastion"
-DEFAULT_FOLDER_TITLE = "Bastion"
-
 
 class PushError(Exception):
     """Grafana refused or could not be reached; the message says which call and why."""
@@ -77,8 +74,8 @@ def ensure_folder(api: GrafanaApi, uid: str, title: str) -> bool:
 def push(
     api: GrafanaApi,
     documents: Mapping[str, dict[str, Any]],
-    folder_uid: str = DEFAULT_FOLDER_UID,
-    folder_title: str = DEFAULT_FOLDER_TITLE,
+    folder_uid: str,
+    folder_title: str,
     message: str = "bastion dashboards push",
 ) -> PushResult:
     """Create or update the folder, then create or replace each dashboard in it."""
