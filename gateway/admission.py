@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.config import Settings
 from gateway.errors import Forbidden, RateLimited, RateLimiterUnavailable
+from gateway.pipeline import HeaderBlock
 from gateway.rbac import ModelPolicy, Principal
 from gateway.usage import Usage, estimate_tokens
 from monitors.request_event import RateLimitOutcome
@@ -25,11 +26,10 @@ if TYPE_CHECKING:
 @dataclass(slots=True)
 class Admitted:
     reserved_tokens: int
-    response_headers: list[tuple[bytes, bytes]]
     priority: int | None
-    header_lines: bytes = b""
-    """The ``x-ratelimit-*`` headers written out, where the server takes them so
-    (gateway.asgi.RAW_HEADERS); then not in ``response_headers``."""
+    rate_headers: HeaderBlock | None = None
+    """The ``x-ratelimit-*`` headers for the answer (None: none to send). One object; the
+    wire boundary (the forwarder) writes it as pairs or as lines, as the server takes."""
     outcome: RateLimitOutcome = "off"
 
 
@@ -54,27 +54,20 @@ class Admission:
     def counts_tokens(self) -> bool:
         return self._limiter is not None
 
-    async def admit(
-        self, principal: Principal, model: str, body: dict[str, Any], raw_headers: bool = False
-    ) -> Admitted:
-        """``raw_headers``: the server offers gateway.asgi.RAW_HEADERS; the rate-limit
-        headers of an allowed request come as ``Admitted.header_lines`` then."""
+    async def admit(self, principal: Principal, model: str, body: dict[str, Any]) -> Admitted:
         if not self._policy.allows(principal, model):
             raise Forbidden(
                 f"Your key is not allowed to use the model '{model}'.", code="model_not_allowed"
             )
         priority = self._tiers.get(principal.tier) or None
         if self._limiter is None:
-            return Admitted(0, [], priority)
+            return Admitted(0, priority)
         reserved = estimate_tokens(body)
         decision = await self._limiter.check(principal.key_id, reserved)
         if decision.allowed:
             outcome: RateLimitOutcome = "failed_open" if decision.degraded else "allowed"
-            if not self._headers_always:
-                return Admitted(reserved, [], priority, outcome=outcome)
-            if raw_headers:
-                return Admitted(reserved, [], priority, decision.header_lines(), outcome)
-            return Admitted(reserved, decision.headers(), priority, outcome=outcome)
+            headers = decision if self._headers_always else None
+            return Admitted(reserved, priority, headers, outcome)
         headers = decision.headers()
         if decision.degraded:
             raise RateLimiterUnavailable("Rate limiting is unavailable; try again.")

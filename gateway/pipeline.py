@@ -58,10 +58,10 @@ class CallContext:
     changes: dict[str, Any] = field(default_factory=dict)
     """Top-level body fields a check replaced (the body sent upstream is re-encoded)."""
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    """Added to the answer (``x-ratelimit-*``, ``x-bastion-guard``...). Filters of a whole
-    answer may add to it; a stream's headers are sent before its first event."""
-    header_lines: bytes = b""
-    """Headers written out where the server takes them so (gateway.asgi.RAW_HEADERS)."""
+    """Added to the answer (``x-bastion-guard``...). Filters of a whole answer may add to
+    it; a stream's headers are sent before its first event."""
+    header_blocks: list[HeaderBlock] = field(default_factory=list)
+    """Fixed sets of headers (``x-ratelimit-*``) the wire boundary writes as it can."""
     hide_usage_chunk: bool = False
     """The gateway asked for usage in a stream the client did not: drop that chunk."""
     settlements: list[Settlement] = field(default_factory=list)
@@ -111,6 +111,16 @@ class CallContext:
         settlements, self.settlements = self.settlements, []
         for settle in settlements:
             await settle(usage)
+
+
+class HeaderBlock(Protocol):
+    """A fixed set of response headers, in the two forms a server may take."""
+
+    def headers(self) -> list[tuple[bytes, bytes]]: ...
+
+    def header_lines(self) -> bytes:
+        """``name: value\\r\\n`` each (gateway.asgi.RAW_HEADERS)."""
+        ...
 
 
 class RequestCheck(Protocol):

@@ -20,6 +20,7 @@ from gateway.asgi import (
     DisconnectGuard,
     Receive,
     Send,
+    offers_raw_headers,
     send_json,
 )
 from gateway.config import Settings
@@ -142,10 +143,19 @@ class Forwarder:
             raise NoHealthyUpstream(f"No healthy upstream serves the model '{model}'.")
         raise attempts.failure
 
-    def response_headers(self, call: CallContext, upstream: Upstream) -> list[tuple[bytes, bytes]]:
+    def response_headers(
+        self, call: CallContext, upstream: Upstream
+    ) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        """The answer's own headers as pairs, and its header blocks written out as lines
+        where the server takes them so (gateway.asgi.RAW_HEADERS), else as more pairs."""
+        pairs = call.response_headers
         if self._expose_upstream:
-            return [*call.response_headers, (b"x-bastion-upstream", upstream.name.encode())]
-        return call.response_headers
+            pairs = [*pairs, (b"x-bastion-upstream", upstream.name.encode())]
+        if not call.header_blocks:
+            return pairs, b""
+        if offers_raw_headers(call.scope):
+            return pairs, b"".join(block.header_lines() for block in call.header_blocks)
+        return [*pairs, *(h for block in call.header_blocks for h in block.headers())], b""
 
     async def respond(self, call: CallContext, send: Send, receive: Receive) -> Outcome:
         """Answer the client; if it goes away first, the upstream request is closed."""
@@ -194,15 +204,16 @@ class Forwarder:
                 outcome.refused_by_filter = True
                 raise
         call.answer = answer
+        pairs, lines = self.response_headers(call, upstream)
         headers = [
             (b"content-type", content_type.encode()),
             (b"content-length", str(len(answer)).encode()),
-            *self.response_headers(call, upstream),
+            *pairs,
         ]
         await self._sinks.complete(call, response.status)
         start = {"type": "http.response.start", "status": response.status, "headers": headers}
-        if call.header_lines:
-            start[RAW_HEADERS] = call.header_lines
+        if lines:
+            start[RAW_HEADERS] = lines
         await send(start)
         await send({"type": "http.response.body", "body": answer})
         outcome.completed = True
@@ -221,23 +232,18 @@ class Forwarder:
                 answer = openai_error(response.status, answer)
             call.answer = answer
             await self._sinks.complete(call, response.status)
-            await send_json(
-                send,
-                response.status,
-                answer,
-                self.response_headers(call, upstream),
-                call.header_lines,
-            )
+            await send_json(send, response.status, answer, *self.response_headers(call, upstream))
             outcome.completed = True
             return
         upstream.breaker.record_success()
+        pairs, lines = self.response_headers(call, upstream)
         start = {
             "type": "http.response.start",
             "status": 200,
-            "headers": [*_STREAM_HEADERS, *self.response_headers(call, upstream)],
+            "headers": [*_STREAM_HEADERS, *pairs],
         }
-        if call.header_lines:
-            start[RAW_HEADERS] = call.header_lines
+        if lines:
+            start[RAW_HEADERS] = lines
         await send(start)
         await self._pump_stream(call, upstream, response, send, outcome)
 

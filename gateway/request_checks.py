@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.admission import Admission, RateLimitRefusal
-from gateway.asgi import offers_raw_headers
 from gateway.errors import Forbidden, InvalidRequest, RateLimiterUnavailable
 from gateway.pipeline import CallContext
 from gateway.rbac import Principal
@@ -81,9 +80,7 @@ class AdmissionCheck:
     async def check(self, call: CallContext) -> None:
         principal, event = call.principal, call.event
         try:
-            admitted = await self._admission.admit(
-                principal, call.body["model"], call.body, offers_raw_headers(call.scope)
-            )
+            admitted = await self._admission.admit(principal, call.body["model"], call.body)
         except RateLimitRefusal as exc:
             event.ratelimit = "limited"
             event.ratelimit_bucket = exc.bucket
@@ -96,8 +93,8 @@ class AdmissionCheck:
             call.change("priority", admitted.priority or 0)
         elif admitted.priority is not None:
             call.change("priority", admitted.priority)
-        call.response_headers.extend(admitted.response_headers)
-        call.header_lines = admitted.header_lines
+        if admitted.rate_headers is not None:
+            call.header_blocks.append(admitted.rate_headers)
         if self._admission.counts_tokens:
 
             async def settle(usage: Usage | None) -> None:
