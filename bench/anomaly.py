@@ -637,7 +637,7 @@ def main() -> None:
     )
     # Tune the forest's weight on a validation day (other seed, magnitudes 3 and 5).
     best = (-1.0, model.weight)
-    for weight in (0.5, 1.0, 2.0):
+    for weight in (0.25, 0.5, 1.0):
         model.weight = weight
         aucs = []
         for magnitude in (3.0, 5.0):

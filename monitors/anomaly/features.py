@@ -74,7 +74,7 @@ FEATURES: tuple[Feature, ...] = (
         "volume",
         1,
         "log1p",
-        "requests in the key's trailing minutes (exponentially decayed, half-life 5 min)",
+        "requests in the key's trailing minutes (exponentially decayed, half-life 2 min)",
         "forest_only",
     ),
     Feature(

@@ -18,8 +18,8 @@ MIN_WINDOWS = 48
 """Windows of history before the hour and model features say anything (NaN before)."""
 RARE_SHARE = 0.02
 DAY_US = 86_400_000_000
-TRAIL_HALF_LIFE_US = 300e6
-"""The trailing features' memory: a window five minutes ago counts half."""
+TRAIL_HALF_LIFE_US = 120e6
+"""The trailing features' memory: a window two minutes ago counts half (longer lingers after an incident)."""
 
 
 @dataclass(slots=True)

@@ -108,3 +108,11 @@ def test_history_is_trailing_and_the_key_own() -> None:
     before = builder.profiles.hour_windows.copy()
     builder.build(EventColumns.from_events(traffic(rng, START_US + 3 * day_us, 60)))
     assert np.array_equal(before, builder.profiles.hour_windows)
+
+
+def test_docs_name_every_feature() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "anomaly.md").read_text()
+    for feature in FEATURES:
+        assert f"| `{feature.name}` | {feature.family} |" in text, feature.name
