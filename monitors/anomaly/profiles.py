@@ -19,7 +19,8 @@ MIN_WINDOWS = 48
 RARE_SHARE = 0.02
 DAY_US = 86_400_000_000
 TRAIL_HALF_LIFE_US = 120e6
-"""The trailing features' memory: a window two minutes ago counts half (longer lingers after an incident)."""
+"""The trailing features' memory: a window two minutes ago counts half (with five, a
+large burst kept its key flagged for half an hour after it ended)."""
 
 
 @dataclass(slots=True)
