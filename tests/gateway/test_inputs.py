@@ -92,3 +92,22 @@ def test_a_5000_character_subject_in_a_logged_request_is_400(gateway) -> None:  
     assert_openai_error(r, 400, "invalid_request_error", "invalid_request")
     r = client.get("/privacy/requests?subject=" + "s" * 5000, headers=bearer(keys["auditor"]))
     assert_openai_error(r, 400, "invalid_request_error", "invalid_request")
+
+
+@pytest.mark.parametrize("expires", ["99999999999d", "\u0663d"])
+def test_the_cli_refuses_an_impossible_expiry_with_one_line(tmp_path: Path, expires: str) -> None:
+    """``bastion keys create --expires 99999999999d`` printed a traceback (OverflowError)."""
+    import base64
+
+    from tests.gateway.app_client import MASTER_KEY
+    from tests.support import run_bastion
+
+    config = {
+        "upstreams": [{"name": "a", "url": "http://127.0.0.1:9", "models": ["m"]}],
+        "database_url": f"sqlite:///{tmp_path / 'keys.db'}",
+        "master_key": base64.b64encode(MASTER_KEY).decode(),
+    }
+    done = run_bastion(["keys", "create", "--role", "app", "--expires", expires], config, tmp_path)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("bastion: --expires:"), done.stderr
