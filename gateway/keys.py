@@ -340,38 +340,35 @@ class KeyCache:
 
     async def _lookup(self, key_id: str) -> CachedKey | None:
         pending = self._lookups.get(key_id)
-        if pending is not None:  # someone is asking already: their answer
-            return await asyncio.shield(pending)
-        now = self._clock()
-        until = self._absent.get(key_id)
-        if until is not None:
-            if until > now:
-                return None
-            del self._absent[key_id]
-        if not self._take_lookup(now):
-            return None  # over the cap: unknown for now, the periodic refresh catches up
-        future: asyncio.Future[CachedKey | None] = asyncio.get_running_loop().create_future()
-        self._lookups[key_id] = future
+        if pending is None:
+            now = self._clock()
+            until = self._absent.get(key_id)
+            if until is not None:
+                if until > now:
+                    return None
+                del self._absent[key_id]
+            if not self._take_lookup(now):
+                return None  # over the cap: unknown for now, the periodic refresh catches up
+            # A task of its own: a requester that goes away does not cancel the others' answer.
+            pending = self._lookups[key_id] = asyncio.ensure_future(self._fetch(key_id))
+        return await asyncio.shield(pending)
+
+    async def _fetch(self, key_id: str) -> CachedKey | None:
         try:
             self.lookups += 1
             found = await asyncio.to_thread(self._store.get, key_id)
         except Exception as exc:
             log.warning("looking up an API key failed (%s)", type(exc).__name__)
-            error = ServiceUnavailable("The key store cannot be reached; try again.")
-            future.set_exception(error)
-            future.exception()  # retrieved here: the waiters raise it too
-            raise error from exc
-        else:
-            if found is None:
-                if len(self._absent) >= NEGATIVE_CACHE_SIZE:
-                    self._absent.clear()
-                self._absent[key_id] = self._clock() + self._negative_ttl_s
-            elif key_id not in self._keys:  # a refresh may have brought it meanwhile
-                self._keys[key_id] = found
-            future.set_result(found)
-            return found
+            raise ServiceUnavailable("The key store cannot be reached; try again.") from exc
         finally:
             del self._lookups[key_id]
+        if found is None:
+            if len(self._absent) >= NEGATIVE_CACHE_SIZE:
+                self._absent.clear()
+            self._absent[key_id] = self._clock() + self._negative_ttl_s
+        elif key_id not in self._keys:  # a refresh may have brought it meanwhile
+            self._keys[key_id] = found
+        return found
 
     def _take_lookup(self, now: float) -> bool:
         """A token bucket: ``lookups_per_s`` a second, as many at once."""

@@ -235,3 +235,17 @@ async def test_a_flood_of_made_up_keys_adds_at_most_the_capped_queries(
     # ...and a real key is still found, once the cap allows.
     key, _ = store.create(["app"])
     assert isinstance(await cache.check_missing(key, 0), Principal)
+
+
+async def test_a_requester_that_goes_away_does_not_cancel_the_others_lookup(
+    store: KeyStore,
+) -> None:
+    cache = KeyCache(store, KeyHasher(PEPPER), refresh_s=3600)
+    cache.load()
+    key, _ = store.create(["app"])
+    first = asyncio.ensure_future(cache.check_missing(key, time.time()))
+    second = asyncio.ensure_future(cache.check_missing(key, time.time()))
+    await asyncio.sleep(0)  # both waiting on the one lookup
+    first.cancel()  # the first client disconnected
+    assert isinstance(await second, Principal)
+    assert cache.lookups == 1
