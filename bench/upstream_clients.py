@@ -83,7 +83,7 @@ def start_nginx(port: int, prefix: Path) -> subprocess.Popen[bytes]:
 
 
 async def measure(name: str, url: str, requests: int, concurrency: int) -> dict[str, float]:
-    from gateway.transport import build_transport
+    from bench.upstream_transports import build_transport
 
     transport = build_transport(name, 2.0, 30.0)  # type: ignore[arg-type]
     headers = {"content-type": "application/json", "accept": "application/json"}

@@ -55,12 +55,10 @@ from gateway.store_probe import StoreProbe
 from gateway.tls import upstream_ssl_contexts
 from gateway.transport import UpstreamTransport, build_transport
 from gateway.upstreams import UpstreamPool
-from gateway.watermark_check import (
-    WatermarkDetector,
-    WatermarkEndpoint,
-    WatermarkFilterSource,
-    load_watermark_keys,
-)
+from gateway.watermark.answer_filter import WatermarkFilterSource
+from gateway.watermark.detector import WatermarkDetector
+from gateway.watermark.endpoint import WatermarkEndpoint
+from gateway.watermark.keys import load_watermark_keys
 from monitors.access_log import AccessLogSink
 from monitors.events.shipper import EventShipper
 from monitors.metrics import EVENT_SINK_DROPPED
@@ -79,7 +77,6 @@ class BastionApp:
         self.started_at = int(time.time())
         self.pool = UpstreamPool(settings)
         self.transport = transport or build_transport(
-            settings.server.upstream_transport,
             settings.timeouts.connect_s,
             settings.timeouts.read_s,
             upstream_ssl_contexts(settings.upstreams),

@@ -134,8 +134,6 @@ class ServerSettings(Section):
     tls: TLSSettings | None = None
     expose_upstream_header: bool = True
     """Send ``x-bastion-upstream`` (the serving upstream's name) on proxied responses."""
-    upstream_transport: Literal["httptools", "aiohttp", "httpx", "httpx-aiohttp"] = "httptools"
-    """How the proxy talks to upstreams; see gateway/transport.py for why aiohttp."""
     gc_young_threshold: int = Field(default=10_000, ge=100, le=10_000_000)
     """Python's first garbage-collector threshold while serving (Python's default: 700).
 

@@ -502,11 +502,9 @@ class RedisRateLimiter:
         *,
         prefix: str = DEFAULT_PREFIX,
         timeout_s: float = 0.25,
-        max_connections: int = 64,
     ) -> RedisRateLimiter:
         """A limiter with its own pipelined connection (gateway/redis_wire.py) and short
-        timeouts: on the request path a quick degraded answer beats a late exact one.
-        ``max_connections`` is kept for callers; one pipelined connection serves all."""
+        timeouts: on the request path a quick degraded answer beats a late exact one."""
         return cls(settings, PipelinedRedis(url, timeout_s), prefix=prefix, owns_client=True)
 
     async def _call(

@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from bench.upstream_transports import AiohttpTransport
 from gateway.asgi import Receive, Scope, Send
 from gateway.config import TLSSettings, UpstreamSettings, UpstreamTLSSettings
 from gateway.tls import (
@@ -50,7 +51,6 @@ from gateway.tls import (
     upstream_ssl_contexts,
     uvicorn_options,
 )
-from gateway.transport import AiohttpTransport
 from tests.gateway.test_access import signing_key_beside
 from tests.support import ManagedProcess, bastion_command, chat_body, free_port, wait_until
 from tests.upstream_server import expected_text, make_app
