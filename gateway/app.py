@@ -37,7 +37,7 @@ from gateway.middleware.observer import ObserverMiddleware
 from gateway.middleware.request_id import RequestIdMiddleware
 from gateway.model_routes import ModelEndpoint
 from gateway.pipeline import AnswerFilterSource, CallSinks, DurableSink, RequestCheck
-from gateway.privacy_routes import PrivacyRoutes, RestrictionCache, SubjectGuarded
+from gateway.privacy_routes import PrivacyRoutes, SubjectGuarded
 from gateway.proxy import Forwarder
 from gateway.ratelimit import RateLimiter, build_rate_limiter
 from gateway.rbac import ModelPolicy
@@ -48,6 +48,7 @@ from gateway.request_checks import (
     RestrictionCheck,
     WatermarkOptOutCheck,
 )
+from gateway.restrictions import RestrictionCache
 from gateway.retention_job import RetentionJob
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gateway.store import make_engine, migrate

@@ -38,7 +38,7 @@ from compliance.audit_writer import AuditWriteError, AuditWriterClosed
 from compliance.erasure_receipt import sign_receipt
 from compliance.keyring import KeyRing, subject_owner
 from compliance.privacy_ledger import BLOCKED, RequestLedger
-from compliance.privacy_store import PrivacyStore, restricted_subjects, subject_ref
+from compliance.privacy_store import PrivacyStore, subject_ref
 from compliance.processing_record import subject_information
 from compliance.records import SUBJECT_ERASED, AuditRecord, now_us
 from compliance.subject_export import PAGE_SIZE, json_document, subject_entries
@@ -46,20 +46,17 @@ from gateway.asgi import Receive, Scope, Send, read_body, request_id_of
 from gateway.audit_trail import AuditTrail, AuditUnavailable
 from gateway.compliance_routes import processing_facts
 from gateway.config import Settings
-from gateway.errors import Forbidden, InvalidRequest, ServiceUnavailable
+from gateway.errors import InvalidRequest, ServiceUnavailable
 from gateway.keys import KeyCache
 from gateway.middleware.auth import Guarded, principal_of
 from gateway.privacy_requests import Conflict, LedgerRoutes, Reason
 from gateway.rbac import Principal
+from gateway.restrictions import RestrictionCache
 from gateway.schemas import check_json_value, check_path_params, parse_json_model
 from gateway.store import ApiKeyRow
 
 log = logging.getLogger("bastion.privacy")
 BODY_LIMIT = 64 * 1024
-
-
-class SubjectRestricted(Forbidden):
-    code = "subject_restricted"
 
 
 class SubjectGuarded(Guarded):
@@ -78,48 +75,6 @@ class SubjectGuarded(Guarded):
             await self.app(scope, receive, send)  # privacy:self
             return
         await super().__call__(scope, receive, send)
-
-
-class RestrictionCache:
-    """Restricted subjects in memory, re-read every ``refresh_s`` (cheap on the hot path)."""
-
-    def __init__(self, engine: Engine, refresh_s: float) -> None:
-        self._engine = engine
-        self._refresh_s = refresh_s
-        self._restricted: frozenset[str] = frozenset()
-        self._task: asyncio.Task[None] | None = None
-
-    def is_restricted(self, subject_id: str) -> bool:
-        return subject_id in self._restricted
-
-    def check(self, principal: Principal) -> None:
-        """403 ``subject_restricted`` for a restricted subject's model call."""
-        if principal.subject_id is not None and principal.subject_id in self._restricted:
-            raise SubjectRestricted(
-                "Processing of this data subject's requests is restricted (GDPR Art. 18)."
-            )
-
-    async def refresh(self) -> None:
-        self._restricted = frozenset(await asyncio.to_thread(restricted_subjects, self._engine))
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._refresh_s)
-            try:
-                await self.refresh()
-            except Exception:  # the store may be briefly unreachable; keep what we know
-                log.exception("refreshing restricted subjects failed; keeping the cached set")
-
-    async def start(self) -> None:
-        await self.refresh()
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="bastion-restrictions")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
 
 
 class Rectification(BaseModel):
