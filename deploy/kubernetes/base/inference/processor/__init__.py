@@ -1,0 +1,1 @@
+"""The vLLM inference tier: launch configuration, watermark logits processor, dev model."""
