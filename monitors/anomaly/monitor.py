@@ -24,6 +24,7 @@ from monitors.anomaly import store
 from monitors.anomaly.features import event_row
 from monitors.anomaly.scorer import AnomalyScorer, TickResult
 from monitors.anomaly.settings import AnomalySettings
+from monitors.metrics import EVENT_SINK_DROPPED
 from monitors.request_event import RequestEvent
 
 log = logging.getLogger("bastion.anomaly")
@@ -69,12 +70,7 @@ class AnomalyMonitor:
         """Queue the event; never blocks, never raises."""
         if len(self._queue) >= self.settings.queue_max:
             self.dropped += 1
-            try:
-                from monitors.metrics import EVENT_SINK_DROPPED
-
-                EVENT_SINK_DROPPED.labels(self.name).inc()
-            except ImportError:  # the metric is the lead's; counted here regardless
-                pass
+            EVENT_SINK_DROPPED.labels(self.name).inc()
             return
         self._queue.append(event)
 

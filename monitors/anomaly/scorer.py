@@ -32,6 +32,7 @@ from monitors.anomaly.explain import Explainer
 from monitors.anomaly.features import EventColumns, FeatureBuilder, WindowBatch
 from monitors.anomaly.profiles import KeyProfiles
 from monitors.anomaly.settings import AnomalySettings
+from monitors.metrics import ANOMALY_FLAGS, ANOMALY_SCORE
 
 log = logging.getLogger("bastion.anomaly")
 LEASE_NAME = "anomaly-scorer"
@@ -128,8 +129,6 @@ class AnomalyScorer:
         self.explainer = Explainer(model)
 
     def _score(self, batch: WindowBatch) -> list[dict[str, Any]]:
-        from monitors.metrics import ANOMALY_FLAGS, ANOMALY_SCORE
-
         model, flags = self.model, []
         if model is None or self.explainer is None:
             flagged = np.zeros(len(batch), dtype=bool)

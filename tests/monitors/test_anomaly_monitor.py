@@ -58,6 +58,9 @@ async def test_incident_flagged_and_explained(anomaly_engine: Engine) -> None:  
     assert scorer.model is not None and scorer.model.version == status["model_version"]
 
     # Prompt stuffing on key-b for two minutes.
+    from monitors.metrics import ANOMALY_FLAGS
+
+    size_flags = ANOMALY_FLAGS.labels("size")._value.get()
     begin = START_US + 8 * step * 1_000_000
     events = traffic(rng, begin, 120, prompt_factor={"key-b": 40.0})
     stuffed = {e.request_id for e in events if e.key_id == "key-b"}
@@ -69,6 +72,7 @@ async def test_incident_flagged_and_explained(anomaly_engine: Engine) -> None:  
     assert flagged, "the stuffing was not flagged"
     assert {f["key_id"] for f in flagged} == {"key-b"}
     assert all(f["family"] == "size" for f in flagged)
+    assert ANOMALY_FLAGS.labels("size")._value.get() - size_flags == len(flagged)
     first = flagged[0]
     # The window's requests: the stuffed ones (and at most a straggler that ended in it).
     assert len(set(first["request_ids"]) & stuffed) >= len(first["request_ids"]) - 2 > 0
@@ -83,3 +87,16 @@ async def test_incident_flagged_and_explained(anomaly_engine: Engine) -> None:  
     assert other.tick().held
     assert other.model is not None and other.model.version == scorer.model.version
     assert other.lease.state().last_run_us == scorer.lease.state().last_run_us
+
+
+def test_offer_is_bounded_and_counts_drops(anomaly_engine: Engine) -> None:  # noqa: F811
+    from monitors.metrics import EVENT_SINK_DROPPED
+
+    before = EVENT_SINK_DROPPED.labels("anomaly")._value.get()
+    monitor = AnomalyMonitor(anomaly_engine, AnomalySettings(queue_max=100), MAC_KEY)
+    events = traffic(np.random.default_rng(2), START_US, 200)
+    assert len(events) > 150
+    for event in events[:150]:
+        monitor.offer(event)
+    assert monitor.dropped == 50
+    assert EVENT_SINK_DROPPED.labels("anomaly")._value.get() - before == 50
