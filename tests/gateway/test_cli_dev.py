@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -34,7 +35,20 @@ def _listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _start(work: Path, up: Upstream, port: int) -> tuple[subprocess.Popen[bytes], Path]:
+@pytest.fixture
+def started() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Every ``bastion dev`` a test starts; any still running at the end is killed."""
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def _start(
+    work: Path, up: Upstream, port: int, started: list[subprocess.Popen[bytes]]
+) -> tuple[subprocess.Popen[bytes], Path]:
     work.mkdir(parents=True, exist_ok=True)
     log = work / "dev.log"
     with open(log, "wb") as out:
@@ -46,6 +60,7 @@ def _start(work: Path, up: Upstream, port: int) -> tuple[subprocess.Popen[bytes]
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
+    started.append(proc)
     return proc, log
 
 
@@ -70,11 +85,11 @@ def _wait_prepared(log: Path) -> None:
 
 @pytest.mark.timeout(300)
 def test_dev_banner_means_listening_and_a_signal_stops_it_at_any_moment(
-    tmp_path: Path, up: Upstream
+    tmp_path: Path, up: Upstream, started: list[subprocess.Popen[bytes]]
 ) -> None:
     # A full start: when the banner appears, the gateway answers at once.
     port = free_port()
-    proc, log = _start(tmp_path / "full", up, port)
+    proc, log = _start(tmp_path / "full", up, port, started)
     _wait_prepared(log)
     prepared = time.monotonic()
     wait_until(
@@ -96,7 +111,7 @@ def test_dev_banner_means_listening_and_a_signal_stops_it_at_any_moment(
     moments += [(0.8, signal.SIGINT), (0.95, signal.SIGTERM)]
     for i, (share, sig) in enumerate(moments):
         port = free_port()
-        proc, log = _start(tmp_path / f"run{i}", up, port)
+        proc, log = _start(tmp_path / f"run{i}", up, port, started)
         _wait_prepared(log)
         time.sleep(to_banner * share)
         proc.send_signal(sig)
@@ -108,7 +123,7 @@ def test_dev_banner_means_listening_and_a_signal_stops_it_at_any_moment(
         assert not _listening(port), where
 
     # Even while the interpreter is still importing, it ends at once (as Python does).
-    proc, log = _start(tmp_path / "imports", up, free_port())
+    proc, log = _start(tmp_path / "imports", up, free_port(), started)
     time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     assert _stop_within(proc, 15) is not None
