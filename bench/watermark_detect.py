@@ -1,7 +1,7 @@
 """How fast does the gateway score a text for the watermark? Tokens per second.
 
 Measures, side by side from one run, the pure scorer (inference/watermark.py, the token
-ids given) and the gateway's whole check (gateway/watermark_check.py: tokenize the text
+ids given) and the gateway's whole check (gateway/watermark/: tokenize the text
 with HF ``tokenizers``, then score it under every configured key), for a short answer
 (200 tokens) and a long one (100,000 tokens), against the target of 1,000,000 tokens/s.
 
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gateway.config import WatermarkSettings  # noqa: E402
-from gateway.watermark_check import WatermarkDetector  # noqa: E402
+from gateway.watermark.detector import WatermarkDetector  # noqa: E402
 from inference.watermark import WatermarkParams, derive_key, detect, score  # noqa: E402
 
 TARGET = 1_000_000

@@ -35,7 +35,7 @@ from gateway.errors import InvalidRequest, ServiceUnavailable
 from gateway.guards.call_summary import guard_summary
 from gateway.pipeline import CallContext
 from gateway.store_probe import StoreProbe
-from gateway.watermark_check import STATE_KEY as WATERMARK_STATE
+from gateway.watermark.answer_filter import STATE_KEY as WATERMARK_STATE
 
 log = logging.getLogger("bastion.audit")
 

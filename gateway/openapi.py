@@ -30,7 +30,7 @@ from gateway.schemas import (
     CompletionRequest,
     EmbeddingRequest,
 )
-from gateway.watermark_check import DetectRequest
+from gateway.watermark.endpoint import DetectRequest
 
 OPENAPI_VERSION = "3.1.0"
 NO_BODY = None

@@ -57,7 +57,7 @@ def run_server(
         fail(str(exc))
     prepare_store(settings)
     if settings.watermark.enabled:
-        from gateway.watermark_check import load_watermark_keys
+        from gateway.watermark.keys import load_watermark_keys
 
         try:
             load_watermark_keys(settings.watermark)

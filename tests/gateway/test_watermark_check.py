@@ -31,15 +31,10 @@ from gateway.config import ConfigError, WatermarkSettings, load_settings
 from gateway.errors import InvalidRequest
 from gateway.pipeline import CallContext, run_filters
 from gateway.rbac import Principal
-from gateway.watermark_check import (
-    KEYS_ENV_VAR,
-    TokenizerUnavailable,
-    WatermarkDetector,
-    WatermarkEndpoint,
-    WatermarkFilterSource,
-    load_watermark_keys,
-    parse_keys,
-)
+from gateway.watermark.answer_filter import WatermarkFilterSource
+from gateway.watermark.detector import TokenizerUnavailable, WatermarkDetector
+from gateway.watermark.endpoint import WatermarkEndpoint
+from gateway.watermark.keys import KEYS_ENV_VAR, load_watermark_keys, parse_keys
 from inference.watermark import WatermarkParams, derive_key, detect, score
 from monitors.request_event import RequestEvent
 from tests.support import ProcessPool, assert_openai_error, chat_body, free_port, run_bastion
