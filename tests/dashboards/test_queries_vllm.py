@@ -27,7 +27,7 @@ pytestmark = pytest.mark.timeout(420)
 
 MODEL = "dev-model"
 # A shared prefix longer than a KV block (16 tokens), so later calls hit the prefix cache.
-PREFIX = "You are a careful assistant for a hospital's records office. " * 6
+PREFIX = "The tide tables for the northern coast list two high waters each day. " * 6
 
 
 @pytest.fixture(scope="module")
