@@ -14,12 +14,14 @@ import typer
 
 from compliance.cli import audit_app
 from compliance.export_cli import compliance_app
+from gateway.commands.common import load
 from gateway.commands.config import config_app
 from gateway.commands.dev import dev
 from gateway.commands.inference import inference_app
 from gateway.commands.keys import keys_app
 from gateway.commands.secrets import secrets_app
 from gateway.commands.serve import serve
+from monitors.events.cli import make_events_app
 
 app = typer.Typer(
     help="Bastion: a secure, observable, compliance-ready gateway for self-hosted LLMs.",
@@ -61,8 +63,9 @@ app.add_typer(secrets_app, name="secrets")
 app.add_typer(inference_app, name="inference")
 app.add_typer(audit_app, name="audit")
 app.add_typer(compliance_app, name="compliance")
-# Observability topics (events, dashboards, monitor, anomalies) are mounted here the
-# same way: app.add_typer(<topic>_app, name="<topic>").
+# Observability topics: monitors/ knows nothing of the gateway's configuration, so each
+# gets the loader that reads it.
+app.add_typer(make_events_app(lambda path: load(path).events), name="events")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from gateway.config_paths import resolve_relative_paths
 from gateway.guards.settings import GuardSettings
 from inference.settings import InferenceSettings
 from monitors.events.settings import EventSettings
@@ -480,6 +481,8 @@ def load_inference_settings(path: str | Path | None = None) -> InferenceTierSett
 def _load(cls: type[SettingsT], path: str | Path | None, overrides: dict[str, Any]) -> SettingsT:
     config_path = path if path is not None else os.environ.get(CONFIG_ENV_VAR)
     yaml_doc = _read_yaml(Path(config_path)) if config_path else {}
+    if config_path:  # paths in a file are relative to the file, not to where one stands
+        yaml_doc = resolve_relative_paths(cls, yaml_doc, Path(config_path).absolute().parent)
     for field in SECRET_FIELDS:
         if field in yaml_doc:
             raise ConfigError(

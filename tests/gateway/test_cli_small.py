@@ -146,12 +146,6 @@ def test_audit_commands_read_relative_paths_from_the_configurations_folder(
     assert done.output.startswith("-----BEGIN PUBLIC KEY-----")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="to wire (lead): gateway.config._load passes the YAML document through "
-    "gateway.config_paths.resolve_relative_paths(cls, yaml_doc, folder of the file); "
-    "then remove this marker",
-)
 def test_gateway_settings_resolve_relative_paths_against_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -64,3 +64,32 @@ def test_calls_are_shipped_and_an_erased_subject_leaves_the_cluster(
         assert server.docs(term={"user.id": "alice"}) == []
     finally:
         server.close()
+
+
+def test_bastion_events_setup_reads_the_gateway_configuration(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    from tests.support import bastion_command
+
+    server = Server()
+    try:
+        config = tmp_path / "bastion.yaml"
+        config.write_text(
+            "upstreams: [{name: a, url: 'http://127.0.0.1:9', models: [m]}]\n"
+            f"events: {{url: '{server.url}', retention_days: 7}}\n"
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+        done = subprocess.run(
+            [*bastion_command(), "events", "setup", "--config", str(config)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        templates = server.get("/_index_template")["index_templates"]
+        assert any(t["name"].startswith("logs-bastion") for t in templates), templates
+    finally:
+        server.close()
