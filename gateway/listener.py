@@ -539,7 +539,7 @@ class ListenerProtocol(HttpToolsProtocol):
         could_be_over = self._head_bytes + self._begin_read > limit
         if could_be_over and head_size(self.url, self.headers) > limit:
             raise RequestHeadTooLarge
-        hosts = sum(1 for name, _ in self.headers if name == b"host")
+        hosts = [name for name, _ in self.headers].count(b"host")
         if hosts != 1 and (hosts > 1 or self.parser.get_http_version() != "1.0"):
             raise BadHost
         self._start_cycle()
