@@ -146,7 +146,8 @@ FEATURES: tuple[Feature, ...] = (
         "timing",
         1,
         "raw",
-        "trailing sum of the windows' positive hour surprise / sqrt(trailing windows)",
+        "decayed sum of the key's recent windows' positive hour surprise: dense use at odd "
+        "hours (a stolen key) adds up, a cron job's lone window does not",
     ),
     Feature(
         "rare_model_share",
