@@ -196,6 +196,26 @@ def dashboard(
         .refresh("30s")
         .tooltip(DashboardCursorSync.CROSSHAIR)
         .editable()
+        .annotation(
+            # Grafana's own (alerts and notes made in the UI), and every page that fired,
+            # so a graph's bend lines up with the alert it raised.
+            dashboard_builders.AnnotationQuery()
+            .name("Annotations & Alerts")
+            .datasource(DataSourceRef(type_val="grafana", uid="-- Grafana --"))
+            .enable(True)
+            .hide(True)
+            .icon_color("rgba(0, 211, 255, 1)")
+            .type("dashboard")
+            .built_in(1)
+        )
+        .annotation(
+            dashboard_builders.AnnotationQuery()
+            .name("Pages")
+            .datasource(DATASOURCE)
+            .enable(True)
+            .icon_color("red")
+            .expr('ALERTS{alertstate="firing",severity="page"}')
+        )
         .with_variable(datasource_variable())
     )
     for variable in variables:

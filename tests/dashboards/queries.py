@@ -30,7 +30,7 @@ class ShippedQuery:
     """``dashboard-uid/panel title [refId]`` or ``rules-file/rule name``."""
     expr: str
     kind: str
-    """``panel``, ``record`` or ``alert``."""
+    """``panel``, ``annotation``, ``record`` or ``alert``."""
 
     @property
     def needs_gpu_host(self) -> bool:
@@ -61,6 +61,10 @@ def shipped_queries() -> list[ShippedQuery]:
             for target in panel.get("targets", []):
                 where = f"{board['uid']}/{panel['title']} [{target['refId']}]"
                 found.append(ShippedQuery(where, target["expr"], "panel"))
+        for annotation in board["annotations"]["list"]:
+            if annotation.get("expr"):
+                where = f"{board['uid']}/annotation {annotation['name']}"
+                found.append(ShippedQuery(where, annotation["expr"], "annotation"))
     for path in sorted((DASHBOARDS / "prometheus" / "rules").glob("*.yml")):
         for group in yaml.safe_load(path.read_text())["groups"]:
             for rule in group["rules"]:
