@@ -40,7 +40,7 @@ import numpy as np
 from gateway.guards.scanner import Finding, ScanContext
 
 ARTEFACT = Path(__file__).parent / "data" / "injection_classifier.bin"
-ARTEFACT_SHA256 = "cd57bb987ef110e39de4028c1c58986cd4e65d1b0f7b4aa6ca45aff216a28a6a"
+ARTEFACT_SHA256 = "d6240359785df8e3ebb7cfad1f8639d9404a8f47a9b8610550998fdbab3ed0aa"
 """SHA-256 of the shipped artefact; ``train_classifier.py --write`` prints the new one."""
 
 MAGIC = b"BASTION-IC1\n"
@@ -198,7 +198,7 @@ class Model:
     alpha: float
     """Feature sums are divided by (number of features) ** alpha."""
     window: int
-    """Characters of normalised text per scored window."""
+    """Characters of normalised text per scored window (even; windows overlap by half)."""
     threshold: float
     """Probability at which the classifier reports a finding (validation: benign FPR <= 1 %)."""
     header: dict[str, object]
@@ -232,19 +232,40 @@ class Model:
         )
 
     def margin(self, norm: str) -> float:
-        """The largest window's log-odds for a normalised text."""
+        """The largest window's log-odds for a normalised text.
+
+        A window's features are the distinct buckets in it (presence, not counts: a line
+        repeated 80 times must not weigh 80 times), summed and divided by their number
+        ** alpha, as in training. Windows are ``window`` characters, half-overlapping.
+        """
         buckets, starts = features(norm, self.bits)
-        contrib = self.weights[buckets]
         length = len(norm) + 2
         if length <= self.window:
-            return self.bias + float(contrib.sum()) / max(contrib.size, 1) ** self.alpha
-        sums = np.concatenate(([0.0], np.cumsum(np.bincount(starts, contrib, length))))
-        counts = np.concatenate(([0], np.cumsum(np.bincount(starts, minlength=length))))
-        step = self.window // 2
-        lo = np.append(np.arange(0, length - self.window, step), length - self.window)
-        hi = lo + self.window
-        n = np.maximum(counts[hi] - counts[lo], 1).astype(np.float64)
-        return self.bias + float(((sums[hi] - sums[lo]) / n**self.alpha).max())
+            uniq = np.unique(buckets)
+            return self.bias + float(self.weights[uniq].sum()) / max(uniq.size, 1) ** self.alpha
+        # Occurrences grouped by half-window segment (a stable radix sort of small ints);
+        # window k is segments k and k+1, one contiguous slice.
+        stride = self.window // 2
+        windows = -(-(length - 2 * stride) // stride) + 1
+        segment = (starts // stride).astype(np.int16)
+        order = np.argsort(segment, kind="stable")
+        ordered = buckets[order]
+        contrib = self.weights[ordered]
+        bounds = np.searchsorted(segment[order], np.arange(windows + 2))
+        slot = np.empty(1 << self.bits, dtype=np.int32)
+        best = -np.inf
+        for k in range(windows):
+            lo, hi = bounds[k], bounds[k + 2]
+            window = ordered[lo:hi]
+            index = np.arange(hi - lo, dtype=np.int32)
+            # Distinct buckets without sorting: each bucket's slot ends up holding the index
+            # of one of its occurrences (whichever numpy wrote last), and exactly that one
+            # matches; all occurrences of a bucket carry the same weight.
+            slot[window] = index
+            distinct = slot[window] == index
+            n = int(np.count_nonzero(distinct))
+            best = max(best, float(contrib[lo:hi][distinct].sum()) / max(n, 1) ** self.alpha)
+        return self.bias + best
 
 
 def load_model(path: Path = ARTEFACT, sha256: str | None = ARTEFACT_SHA256) -> Model:

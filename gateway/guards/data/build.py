@@ -252,10 +252,39 @@ def benign_rows(seed: int, rng: random.Random) -> list[Row]:
     return rows
 
 
+WINDOW = 256
+"""The classifier's scoring window (classifier.Model.window, characters of normalised text)."""
+
+
+def composite_rows(rows: list[Row], rng: random.Random) -> list[Row]:
+    """Window-shaped benign texts: a slice of up to one window, cut anywhere, out of several
+    benign prompts of one split joined together, like the windows long texts are scored in.
+
+    Benign only: with attacks spliced into benign filler as well, the linear model learnt
+    to give the filler attack weight (validation recall fell from 0.93 to 0.45); the
+    spliced case is covered by the document frames of ``indirect_rows``.
+    """
+    out: list[Row] = []
+    for split in ("train", "val", "test"):
+        pool = [r for r in rows if r["split"] == split and r["class"] == "benign"]
+        for _ in range(len(pool) // 5):
+            parts: list[str] = []
+            while sum(len(p) + 1 for p in parts) < 2 * WINDOW:
+                parts.append(rng.choice(pool)["text"])
+            joined = "\n".join(parts)
+            start = rng.randrange(len(joined) - WINDOW)
+            text = joined[start : start + rng.randint(WINDOW * 3 // 4, WINDOW)]
+            out.append(
+                _row(text, "benign", "benign", split, "mixed", f"composite/{split}", "composite")
+            )
+    return out
+
+
 def build(seed: int = SEED) -> tuple[list[Row], list[Row]]:
     """(corpus rows, rule rows), deduplicated by text, in a stable order."""
     rng = random.Random(seed)
     corpus = attack_rows(seed, rng) + indirect_rows(seed, rng) + benign_rows(seed, rng)
+    corpus += composite_rows(corpus, rng)
     unique: dict[str, Row] = {}
     for row in corpus:
         unique.setdefault(row["text"], row)

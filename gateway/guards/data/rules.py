@@ -87,7 +87,8 @@ SQL_DISCUSSION = [
 def _sql(rng: random.Random) -> Iterator[Row]:
     for p in SQL_PAYLOADS:
         for ctx in rng.sample(SQL_CONTEXTS, 5):
-            yield {"text": ctx.format(p=p), "label": "attack", "class": "sql_injection"}
+            row = {"text": ctx.format(p=p), "label": "attack", "class": "sql_injection"}
+            yield {**row, "kind": p}
     for t in SQL_BENIGN:
         frames = ("{q}", "Code review: {q}", "Question from a junior dev: {q}")
         for k, frame in zip((3, 5, 10), frames, strict=True):
