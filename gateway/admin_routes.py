@@ -24,7 +24,7 @@ from compliance.keyring import subject_owner
 from compliance.records import KEY_CREATED, KEY_REVOKED, AuditRecord
 from gateway.asgi import read_body, request_id_of
 from gateway.audit_trail import AuditTrail
-from gateway.config import Role, Section
+from gateway.config import Role
 from gateway.errors import Forbidden, InvalidRequest, NotFound
 from gateway.keys import KeyCache, KeyStore, parse_duration
 from gateway.middleware.auth import principal_of
@@ -47,13 +47,6 @@ ADMIN_BODY_LIMIT = 64 * 1024
 PRIVILEGED_ROLES = frozenset({"admin", "auditor"})
 PRIVILEGED_PERMISSION = "keys:manage_privileged"
 """Mint privileged keys over HTTP; held by no built-in role (see the module's docstring)."""
-
-
-class AdminSettings(Section):
-    """``admin:`` in the configuration."""
-
-    allow_privileged_keys: bool = False
-    """Let ``POST /admin/keys`` mint auditor and admin keys, and keys for known subjects."""
 
 
 class PrivilegedKey(Forbidden):

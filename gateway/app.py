@@ -36,6 +36,7 @@ from gateway.middleware.errors import ErrorMiddleware
 from gateway.middleware.observer import ObserverMiddleware
 from gateway.middleware.request_id import RequestIdMiddleware
 from gateway.model_routes import ModelEndpoint
+from gateway.openapi import openapi_document
 from gateway.pipeline import AnswerFilterSource, CallSinks, DurableSink, RequestCheck
 from gateway.privacy_routes import PrivacyRoutes, SubjectGuarded
 from gateway.proxy import Forwarder
@@ -130,6 +131,7 @@ class BastionApp:
         if settings.guards.enabled:
             self.input_guard = InputGuard(settings.guards, settings.watermark.tokenizers)
             self.output_guard = OutputGuard(settings.guards)
+        self._openapi: dict[str, Any] | None = None
         self.checks = self._request_checks()
         self.answer_filters = self._answer_filters()
         durable: list[DurableSink] = [self.audit] if self.audit is not None else []
@@ -206,7 +208,13 @@ class BastionApp:
     def _routes(self) -> list[Route]:
         forwarder = Forwarder(self.settings, self.pool, self.transport, self.sinks)
         cap = self.settings.server.max_body_bytes
-        keys = KeyAdmin(self.key_store, self.key_cache, self.settings.priority.tiers, self.audit)
+        keys = KeyAdmin(
+            self.key_store,
+            self.key_cache,
+            self.settings.priority.tiers,
+            self.audit,
+            allow_privileged=self.settings.admin.allow_privileged_keys,
+        )
 
         watermark = WatermarkEndpoint(self.watermark, cap)
 
@@ -240,6 +248,7 @@ class BastionApp:
             route("/healthz", self.healthz, "GET", "public"),
             route("/readyz", self.readyz, "GET", "public"),
             route("/metrics", self.metrics_page, "GET", "metrics:read"),
+            route("/openapi.json", self.openapi, "GET", "public"),
             route("/admin/upstreams", self.list_upstreams, "GET", "upstreams:read"),
             route("/admin/keys", keys.create, "POST", "keys:manage"),
             route("/admin/keys", keys.list, "GET", "keys:manage"),
@@ -348,6 +357,12 @@ class BastionApp:
             if self.model_policy.allows(principal, model)
         ]
         return JSONResponse({"object": "list", "data": data})
+
+    async def openapi(self, request: Request) -> Response:
+        """OpenAPI 3.1 of every route this app serves (gateway/openapi.py)."""
+        if self._openapi is None:
+            self._openapi = openapi_document(self.route_permissions())
+        return JSONResponse(self._openapi)
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})

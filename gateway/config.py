@@ -118,6 +118,9 @@ class ServerSettings(Section):
     max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     """The most a request's head (target and headers) may take: a larger one is answered
     431 and its connection closed, before the rest of it is read."""
+    body_timeout_s: PositiveSeconds = 30.0
+    """A request body must arrive within this (408 after it): a client sending a byte now
+    and then cannot hold a connection for good."""
     metrics_listen: str | None = None
     """An internal ``host:port`` serving only ``/metrics``, every worker summed, without a
     key (for a Prometheus on a private network); None: only the keyed ``/metrics``."""
@@ -293,6 +296,15 @@ class AuditSettings(Section):
     database at a time, behind a lease); 0: never, run ``bastion audit retention``."""
 
 
+class AdminSettings(Section):
+    """``admin:`` in the configuration."""
+
+    allow_privileged_keys: bool = False
+    """Let ``POST /admin/keys`` mint auditor and admin keys, and keys for subjects that
+    already have audit entries (separation of duties: by default only the CLI, which
+    holds the master key, may)."""
+
+
 class StoreSettings(BaseSettings):
     """What the stores and secrets need: enough for ``bastion keys`` without upstreams."""
 
@@ -359,6 +371,7 @@ class Settings(StoreSettings):
     inference: InferenceSettings = InferenceSettings()
     """The vLLM tier that ``bastion inference serve`` starts (inference/settings.py)."""
     audit: AuditSettings = AuditSettings()
+    admin: AdminSettings = AdminSettings()
     guards: GuardSettings = GuardSettings()
     """Input and output guards (gateway/guards/settings.py, docs/guards.md); on by default."""
     logging: LoggingSettings = LoggingSettings()

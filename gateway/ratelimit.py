@@ -559,7 +559,7 @@ class RedisRateLimiter:
         RATELIMIT_BACKEND_ERRORS.inc()
         if self._up is not False:
             self._up = False
-            RATELIMIT_BACKEND_UP.set(0)
+            RATELIMIT_BACKEND_UP.labels(backend="redis").set(0)
         self._errors_unlogged += 1
         if now >= self._next_log_at:
             # No key ids, no URL (it may hold a password): the error's type and text only.
@@ -578,7 +578,7 @@ class RedisRateLimiter:
             if self._up is False:
                 log.warning("rate-limit backend reachable again")
             self._up = True
-            RATELIMIT_BACKEND_UP.set(1)
+            RATELIMIT_BACKEND_UP.labels(backend="redis").set(1)
         self._skip_until = 0.0
 
     async def check(self, key_id: str, tokens: int) -> RateDecision:

@@ -30,6 +30,7 @@ Permission = Literal[
     "privacy:self",
     "metrics:read",
     "priority:set",
+    "keys:manage_privileged",
 ]
 
 ROLE_PERMISSIONS: Mapping[str, frozenset[str]] = {

@@ -165,8 +165,10 @@ RATELIMIT_BACKEND_ERRORS = Counter(
 )
 RATELIMIT_BACKEND_UP = Gauge(
     "bastion_ratelimit_backend_up",
-    "1 when the last rate-limit backend (Redis) call succeeded, 0 when it failed "
-    "(the most recent call of any live worker).",
+    "1 when the last call to the rate limits' shared backend (backend=redis) succeeded, "
+    "0 when it failed (the most recent call of any live worker). Absent when the limits "
+    "are kept in memory: there is no backend to be down.",
+    ["backend"],
     multiprocess_mode="livemostrecent",
 )
 AUTH_FAILURES = Counter(

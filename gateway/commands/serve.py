@@ -56,6 +56,10 @@ def run_server(
     except UvicornMismatch as exc:
         fail(str(exc))
     prepare_store(settings)
+    from gateway.listener import BODY_TIMEOUT_ENV
+
+    # The listener reads it in every worker (gateway/listener.py).
+    os.environ[BODY_TIMEOUT_ENV] = str(settings.server.body_timeout_s)
     if settings.watermark.enabled:
         from gateway.watermark.keys import load_watermark_keys
 

@@ -126,6 +126,7 @@ ROUTES: list[tuple[str, str, dict[str, Any] | None, str]] = [
     ("DELETE", "/admin/keys/0000000000000000", None, "keys:manage"),
     ("GET", "/healthz", None, "public"),
     ("GET", "/readyz", None, "public"),
+    ("GET", "/openapi.json", None, "public"),
     ("GET", "/compliance/audit", None, "audit:read"),
     ("GET", "/compliance/audit/verify", None, "audit:read"),
     ("GET", "/compliance/processing-record", None, "audit:read"),

@@ -396,9 +396,6 @@ print(generate_latest(REGISTRY).decode())
 """
 
 
-@pytest.mark.xfail(
-    strict=True, reason="until monitors/metrics.py gives the gauge a 'backend' label"
-)
 def test_backend_up_is_reported_only_for_redis() -> None:
     """Issue 14 item 14: the in-memory limiter has no backend to be down; the gauge read 0."""
     import subprocess

@@ -63,8 +63,8 @@ def settings(
     )
 
 
-def metric(name: str) -> float:
-    return REGISTRY.get_sample_value(name) or 0.0
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def closed_port() -> int:
@@ -123,7 +123,7 @@ async def test_buckets_in_redis(redis_client: aioredis.Redis, prefix: str) -> No
         # Idle buckets expire once they would be full again: 60 s for the emptied tokens.
         ttl_ms = await redis_client.pttl(prefix + "k")
         assert 59_000 < ttl_ms <= 61_000
-        assert metric("bastion_ratelimit_backend_up") == 1.0
+        assert metric("bastion_ratelimit_backend_up", backend="redis") == 1.0
     finally:
         await rl.aclose()
 
@@ -283,7 +283,7 @@ async def test_redis_down_never_raises(
             assert await rl.check("secret-key-id", 10) == decision
             assert time.monotonic() - start < 1.0
         assert metric("bastion_ratelimit_backend_errors_total") == errors + 1
-        assert metric("bastion_ratelimit_backend_up") == 0.0
+        assert metric("bastion_ratelimit_backend_up", backend="redis") == 0.0
         assert decision.degraded
         assert decision.allowed is (mode == "open")
         assert (decision.remaining_requests, decision.remaining_tokens) == (3, 600)
@@ -335,7 +335,7 @@ async def test_backend_recovers(redis_client: aioredis.Redis, prefix: str) -> No
         clock_now[0] = 1.0
         decision = await rl.check("k", 1)
         assert decision.allowed and not decision.degraded
-        assert metric("bastion_ratelimit_backend_up") == 1.0
+        assert metric("bastion_ratelimit_backend_up", backend="redis") == 1.0
     finally:
         await rl.aclose()
 
