@@ -141,3 +141,37 @@ def test_docs_name_every_panel_and_alert() -> None:
                 name = rule.get("alert") or rule["record"]
                 if "alert" in rule:
                     assert f"| {name} |" in doc, f"docs/dashboards.md: no row for {name}"
+
+
+def shipped_exprs() -> str:
+    from tests.dashboards.queries import shipped_queries
+
+    return "\n".join(q.expr for q in shipped_queries())
+
+
+def test_every_bastion_metric_queried_is_defined() -> None:
+    """The dashboards and rules read only metrics monitors/metrics.py defines."""
+    from prometheus_client import REGISTRY
+
+    import monitors.metrics  # noqa: F401  (registers the metrics)
+
+    defined = set(REGISTRY._names_to_collectors)
+    used = set(re.findall(r"\bbastion_[a-z_]+", shipped_exprs()))
+    assert used, "no Bastion metric in the shipped queries"
+    assert used - defined == set()
+
+
+def test_every_vllm_metric_queried_exists_in_the_pinned_vllm() -> None:
+    """Each vllm: name is one that the pinned vLLM's metrics logger defines (counters
+    exposed with _total, histograms with _bucket)."""
+    from tests.vllm_tier import INFERENCE_VENV, inference_python
+
+    inference_python()  # skips (fails under CI) without vLLM's environment
+    loggers = next(INFERENCE_VENV.glob("lib/python*/site-packages/vllm/v1/metrics/loggers.py"))
+    source = loggers.read_text()
+    names = set(re.findall(r'name="(vllm:[a-z0-9_]+)"', source))
+    used = set(re.findall(r"\bvllm:[a-z0-9_]+", shipped_exprs()))
+    assert used
+    for name in used:
+        base = re.sub(r"_(total|bucket|sum|count)$", "", name)
+        assert name in names or base in names, f"{name}: not in {loggers}"

@@ -113,7 +113,7 @@ def test_vllm_alerts_read_series_the_pinned_vllm_exposes(scraped: PrometheusServ
     assert alerts
     for query in alerts:
         assert scraped.query(query.promql())["status"] == "success", query.where
-        for name in set(re.findall(r"vllm:[a-z_]+|model_name:vllm_[a-z_:0-9]+", query.expr)):
+        for name in set(re.findall(r"vllm:[a-z0-9_]+|model_name:vllm_[a-z_:0-9]+", query.expr)):
             assert has_data(scraped.query(f"group({name})")), f"{query.where}: no {name}"
 
 
