@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route, Router, request_response
 
+from compliance.unsigned_tails import sign_unsigned_tails
 from gateway.admin_routes import KeyAdmin
 from gateway.admission import Admission
 from gateway.answer_text import AnswerTextFilter
@@ -95,6 +96,7 @@ class BastionApp:
             signing_key = load_audit_signing_key(settings)
             self.audit = AuditTrail(settings.audit, self.engine, master_key, signing_key)
             self.retention = RetentionJob.configured(settings.audit, self.engine, signing_key)
+        self._signing_key = signing_key
         else:
             log.warning("audit.enabled is false: model calls are not recorded")
         self.key_store = KeyStore(self.engine, hasher)
@@ -298,6 +300,9 @@ class BastionApp:
             await self.audit.start()
         if self.retention is not None:
             await self.retention.start()  # one process at a time runs it: a lease in the store
+        elif self.audit is not None and self._signing_key is not None:
+            # No retention job to do it: sign what a killed writer left unsigned.
+            await asyncio.to_thread(sign_unsigned_tails, self.engine, self._signing_key)
         if self.events is not None:
             await self.events.start()
         await asyncio.to_thread(self.key_cache.load)
