@@ -96,9 +96,9 @@ class BastionApp:
             signing_key = load_audit_signing_key(settings)
             self.audit = AuditTrail(settings.audit, self.engine, master_key, signing_key)
             self.retention = RetentionJob.configured(settings.audit, self.engine, signing_key)
-        self._signing_key = signing_key
         else:
             log.warning("audit.enabled is false: model calls are not recorded")
+        self._signing_key = signing_key
         self.key_store = KeyStore(self.engine, hasher)
         self.key_cache = KeyCache(self.key_store, hasher, settings.auth.key_refresh_s)
         self.restrictions = RestrictionCache(self.engine, settings.auth.key_refresh_s)
