@@ -275,3 +275,26 @@ def test_canary_overlay_sends_a_share_to_the_new_version() -> None:
         "--served-model-name=model-v2"
         in canary["spec"]["template"]["spec"]["containers"][0]["args"]
     )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_migration_step_applies_before_any_gateway_or_vllm_pod(overlay: str) -> None:
+    """docs/kubernetes.md's step 1 (``-l 'bastion.dev/rollout!=after-migration'``) holds the
+    Job and all it mounts, and neither the gateway's nor vLLM's Deployment."""
+    resources = render(overlay)
+    first = [
+        r
+        for r in resources
+        if r["metadata"].get("labels", {}).get("bastion.dev/rollout") != "after-migration"
+    ]
+    names = {(r["kind"], r["metadata"]["name"]) for r in first}
+    later = {(r["kind"], r["metadata"]["name"]) for r in resources} - names
+    assert {kind for kind, _ in later} == {"Deployment"}
+    assert ("Deployment", "bastion-gateway") in later
+    job = named(first, "Job", "bastion-migrate")
+    pod = job["spec"]["template"]["spec"]
+    for name in config_map_refs(pod):
+        assert ("ConfigMap", name) in names
+    for volume in pod["volumes"]:
+        claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+        assert claim is None or ("PersistentVolumeClaim", claim) in names
