@@ -40,7 +40,7 @@ import numpy as np
 from gateway.guards.scanner import Finding, ScanContext
 
 ARTEFACT = Path(__file__).parent / "data" / "injection_classifier.bin"
-ARTEFACT_SHA256 = "d6240359785df8e3ebb7cfad1f8639d9404a8f47a9b8610550998fdbab3ed0aa"
+ARTEFACT_SHA256 = "7e175534e1d91888f5424d63b3996b326d1b1177907b3710355e21f4b147e926"
 """SHA-256 of the shipped artefact; ``train_classifier.py --write`` prints the new one."""
 
 MAGIC = b"BASTION-IC1\n"

@@ -4,9 +4,9 @@ Reads ``gateway/guards/data/corpus.jsonl`` (render it first with
 ``python -m gateway.guards.data.build``), fits a logistic regression on the ``train``
 split's hashed n-gram features (the same :func:`gateway.guards.classifier.features` that
 serves), and picks on the ``val`` split both the hyper-parameters (from a small fixed
-grid) and the threshold: the lowest probability at which at most 0.5 % of benign and
-2.5 % of hard-negative validation prompts are flagged (half the targets, for margin). The
-``test`` split is never read here.
+grid) and the threshold: the lowest probability at which at most 1 % of benign and
+5 % of hard-negative validation prompts are flagged (the issue's targets). The ``test``
+split is never read here.
 
 Deterministic: no random state is drawn (lbfgs, fixed grid, stable row order) and BLAS is
 held to one thread, so the same corpus gives a byte-identical artefact; ``--check``
@@ -37,11 +37,11 @@ BITS = 18
 WINDOW = 256
 GRID = [(alpha, c) for alpha in (0.5, 0.7) for c in (16.0, 64.0)]
 HARD_NEGATIVE_WEIGHT = 3.0
-# Half the targets (benign <= 1 %, hard negatives <= 5 %): the validation split is a few
-# hundred rows clustered by template, so a threshold set exactly at the target lands on
-# either side of it on unseen templates.
-BENIGN_FPR = 0.005
-HARD_FPR = 0.025
+# The targets themselves. (Half of them was tried: the validation split holds ~130 hard
+# negatives from ~15 templates, each rendered 6-9 times, so 2.5 % is fewer rows than one
+# template renders and one template decided the threshold.)
+BENIGN_FPR = 0.01
+HARD_FPR = 0.05
 
 
 @dataclass

@@ -1,7 +1,7 @@
 # ruff: noqa: E501  (template data: one phrasing per line reads better than wrapped strings)
 """Benign prompts and hard negatives in German, French, Spanish, Italian, Dutch, Portuguese, Polish.
 
-Hand-written. Slots {city} and {n} come from benign_en.FILL.
+Hand-written. Slots {city}, {n}, {url} and {email} come from benign_en.FILL.
 """
 
 LANGS: dict[str, dict[str, list[str]]] = {
@@ -30,6 +30,8 @@ LANGS: dict[str, dict[str, list[str]]] = {
             "Erkläre den Unterschied zwischen Zinsen und Rendite.",
             "Fasse diesen Text zusammen: Die Stadt baut neue Radwege.",
             "Wie überschreibe ich eine Methode in Java?",
+            "Besuche {url} für mehr Infos.",
+            "Meine E-Mail ist {email}, bitte antworte dorthin.",
         ],
         "hard": [
             "Was ist eine Prompt-Injection und wie schütze ich meinen Chatbot davor?",
@@ -66,6 +68,8 @@ LANGS: dict[str, dict[str, list[str]]] = {
             "Explique la différence entre intérêts et rendement.",
             "Résume ce texte : La ville construit de nouvelles pistes cyclables.",
             "Comment surcharger une méthode en Java ?",
+            "Voir {url} pour les détails.",
+            "Mon adresse est {email}, réponds-moi là.",
         ],
         "hard": [
             "Qu'est-ce qu'une injection de prompt et comment protéger mon chatbot ?",
@@ -101,6 +105,8 @@ LANGS: dict[str, dict[str, list[str]]] = {
             "Explica la diferencia entre interés y rentabilidad.",
             "Resume este texto: La ciudad construye nuevos carriles bici.",
             "¿Cómo sobrescribo un método en Java?",
+            "Visita {url} para más información.",
+            "Mi correo es {email}, respóndeme allí.",
         ],
         "hard": [
             "¿Qué es una inyección de prompt y cómo protejo mi chatbot?",
@@ -135,6 +141,8 @@ LANGS: dict[str, dict[str, list[str]]] = {
             "Spiega la differenza tra interessi e rendimento.",
             "Riassumi questo testo: La città costruisce nuove piste ciclabili.",
             "Come faccio l'override di un metodo in Java?",
+            "Visita {url} per i dettagli.",
+            "La mia email è {email}, rispondimi lì.",
         ],
         "hard": [
             "Che cos'è una prompt injection e come proteggo il mio chatbot?",
@@ -168,6 +176,8 @@ LANGS: dict[str, dict[str, list[str]]] = {
             "Leg het verschil uit tussen rente en rendement.",
             "Vat deze tekst samen: De stad legt nieuwe fietspaden aan.",
             "Hoe overschrijf ik een methode in Java?",
+            "Bezoek {url} voor meer informatie.",
+            "Mijn e-mail is {email}, antwoord daar.",
         ],
         "hard": [
             "Wat is prompt-injectie en hoe bescherm ik mijn chatbot?",
@@ -203,6 +213,8 @@ LANGS: dict[str, dict[str, list[str]]] = {
             "Como faço override de um método em Java?",
             "Resume o último capítulo do livro em poucas linhas.",
             "Quais são as vantagens de aprender uma segunda língua?",
+            "Visita {url} para mais detalhes.",
+            "O meu e-mail é {email}, responde para lá.",
         ],
         "hard": [
             "O que é uma injeção de prompt e como protejo o meu chatbot?",
@@ -230,6 +242,8 @@ LANGS: dict[str, dict[str, list[str]]] = {
             "Napisz uprzejmą odmowę zaproszenia.",
             "Jakie książki polecasz na wakacje?",
             "Streść ten tekst: Miasto buduje nowe ścieżki rowerowe.",
+            "Odwiedź {url}, aby dowiedzieć się więcej.",
+            "Mój e-mail to {email}, odpowiedz tam.",
         ],
         "hard": [
             "Czym jest prompt injection i jak chronić mojego chatbota?",
