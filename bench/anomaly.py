@@ -34,6 +34,7 @@ import copy
 import itertools
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -686,7 +687,9 @@ def main() -> None:
             rs = results.get(kind, [])
             if not rs:
                 continue
-            mean = {k: float(np.nanmean([r[k] for r in rs])) for k in rs[0]}
+            with warnings.catch_warnings():  # no incident detected: no time to detect
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = {k: float(np.nanmean([r[k] for r in rs])) for k in rs[0]}
             print(
                 f"{kind:<14}{magnitude:>4g}{mean['auc']:>9.4f}{mean['precision']:>12.3f}"
                 f"{mean['recall']:>8.2f}{mean['ttd']:>7.0f}{mean['family']:>10.2f}"
