@@ -99,8 +99,11 @@ class Live:
 def send_traffic(live: Live, upstreams: list[Any]) -> None:
     """Answers, streams, each refusal the dashboards chart, and upstream failures."""
     apps = [live.keys[f"app{i}"] for i in range(APP_KEYS)]
+    # The fixture echoes the prompt: a dozen words make an answer long enough for the
+    # repetition ratio (at least 8 word 4-grams).
     for i in range(12):
-        body = chat_body(MODEL, f"question {i} about the weather", stream=i % 3 == 0)
+        prompt = f"question {i} about the weather on the northern coast this week and the tides"
+        body = chat_body(MODEL, prompt, stream=i % 3 == 0)
         assert live.call("/v1/chat/completions", apps[i % APP_KEYS], body) == 200
     for i in range(2):
         prompt = {"model": MODEL, "prompt": f"complete {i}"}
@@ -130,8 +133,11 @@ def send_traffic(live: Live, upstreams: list[Any]) -> None:
     for i in range(6):
         live.call("/v1/chat/completions", apps[i % APP_KEYS], chat_body(MODEL, f"retry {i}"))
     upstreams[0].set_mode("ok")
+    # Seconds after the first answers: series created lazily by those (a model's
+    # repetition histogram) now grow between scrapes, so their rates are not 0/0.
     for i in range(4):
-        body = chat_body(MODEL, f"after the failure {i}", stream=i % 2 == 0)
+        prompt = f"after the failure {i} the weather on the northern coast and the tides again"
+        body = chat_body(MODEL, prompt, stream=i % 2 == 0)
         assert live.call("/v1/chat/completions", apps[i], body) == 200
     assert any(status >= 500 for status in live.statuses), live.statuses
 
