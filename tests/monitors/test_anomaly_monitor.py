@@ -100,3 +100,34 @@ def test_offer_is_bounded_and_counts_drops(anomaly_engine: Engine) -> None:  # n
         monitor.offer(event)
     assert monitor.dropped == 50
     assert EVENT_SINK_DROPPED.labels("anomaly")._value.get() - before == 50
+
+
+def test_flag_as_audit_record_and_ecs_alert() -> None:
+    from compliance.records import prepare
+    from monitors.anomaly.records import ANOMALY_FLAGGED, audit_record, ecs_document
+
+    flag = {
+        "id": 7,
+        "time_us": START_US + 30_000_000,
+        "window_start_us": START_US,
+        "key_id": "key-b",
+        "model": "m1",
+        "family": "size",
+        "score": 12.3456789,
+        "threshold": 6.0,
+        "model_version": 3,
+        "requests": 600,
+        "request_ids": [f"req-{n}" for n in range(600)],
+        "explanation": {"features": [{"text": f"t{n}"} for n in range(5)]},
+    }
+    record = audit_record(flag)
+    assert record.kind == ANOMALY_FLAGGED and record.key_id == "key-b"
+    assert len(record.detail["request_ids"]) == 100 and record.detail["reasons"] == [
+        "t0",
+        "t1",
+        "t2",
+    ]
+    prepare(record)  # the audit writer accepts it
+    document = ecs_document(flag)
+    assert document["event"]["kind"] == "alert" and document["rule"]["name"] == "anomaly.size"
+    assert document["@timestamp"] == "2026-01-01T00:00:30Z"
