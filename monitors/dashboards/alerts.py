@@ -134,11 +134,13 @@ def gateway_alerts(settings: SloSettings) -> list[dict[str, Any]]:
         ),
         _alert(
             "BastionUpstreamDown",
-            "min by (upstream) (bastion_upstream_up) == 0",
+            # max: no gateway sees it up. One gateway alone losing it is that gateway's
+            # network, not the upstream (its breaker and errors show on the dashboard).
+            "max by (upstream) (bastion_upstream_up) == 0",
             "page",
-            "Upstream {{ $labels.upstream }} fails its health checks",
-            "The gateway's health checks find the upstream down; its models are served by "
-            "the others in its pool or refused.",
+            "Upstream {{ $labels.upstream }} fails every gateway's health checks",
+            "No gateway's health checks reach the upstream; its models are served by the "
+            "others in its pool or refused.",
             "1m",
         ),
         _alert(
