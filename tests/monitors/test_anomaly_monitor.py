@@ -131,3 +131,24 @@ def test_flag_as_audit_record_and_ecs_alert() -> None:
     document = ecs_document(flag)
     assert document["event"]["kind"] == "alert" and document["rule"]["name"] == "anomaly.size"
     assert document["@timestamp"] == "2026-01-01T00:00:30Z"
+
+
+async def test_start_records_and_scores_in_the_background(anomaly_engine: Engine) -> None:  # noqa: F811
+    import asyncio
+    import time
+
+    settings = AnomalySettings(window_s=1, grace_s=0, flush_s=0.05)
+    monitor = AnomalyMonitor(anomaly_engine, settings, MAC_KEY, holder="bg")
+    await monitor.start()
+    now = time.time_ns() // 1000
+    events = traffic(np.random.default_rng(4), now - 3_000_000, 2)
+    for event in events:
+        monitor.offer(event)
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if store.history(anomaly_engine).windows > 0:
+            break
+    await monitor.stop()
+    assert monitor.recorded == len(events)
+    assert store.history(anomaly_engine).windows > 0  # scored (cold start: nothing flagged)
+    assert not monitor.scorer.lease.state().held  # given up on stop
