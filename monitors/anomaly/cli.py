@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -51,6 +52,9 @@ class MonitorContext:
     settings: AnomalySettings
     mac_key: bytes
     on_flag: list[FlagCallback] = field(default_factory=list)
+    lifespan: Callable[[], AbstractAsyncContextManager[Any]] | None = None
+    """Entered around the monitor's loop, in its event loop: e.g. the audit trail that
+    the ``on_flag`` callbacks write to, started and stopped."""
 
 
 Loader = Callable[[Path | None, str | None], MonitorContext]
@@ -135,6 +139,18 @@ async def _run(context: MonitorContext, once: bool) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     callbacks = [_print_flag, *context.on_flag]
+    lifespan = context.lifespan() if context.lifespan else contextlib.nullcontext()
+    async with lifespan:
+        return await _loop(scorer, context, once, stop, callbacks)
+
+
+async def _loop(
+    scorer: AnomalyScorer,
+    context: MonitorContext,
+    once: bool,
+    stop: asyncio.Event,
+    callbacks: list[FlagCallback],
+) -> int:
     held_before = None
     try:
         while True:

@@ -4,7 +4,9 @@ and the default loader's settings, database and key."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +27,18 @@ from tests.monitors.anomaly_traffic import traffic
 def test_monitor_once_and_list(anomaly_engine: Engine) -> None:  # noqa: F811
     settings = AnomalySettings(window_s=10, grace_s=0)
     seen: list[dict] = []
+    entered: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan() -> AsyncIterator[None]:
+        entered.append("start")
+        yield
+        entered.append("stop")
 
     def loader(config: Path | None, url: str | None) -> MonitorContext:
-        return MonitorContext(anomaly_engine, settings, b"k" * 32, on_flag=[seen.append])
+        return MonitorContext(
+            anomaly_engine, settings, b"k" * 32, on_flag=[seen.append], lifespan=lifespan
+        )
 
     monitor_app, anomalies_app = make_apps(loader)
     import time
@@ -49,6 +60,7 @@ def test_monitor_once_and_list(anomaly_engine: Engine) -> None:  # noqa: F811
     assert result.exit_code == 0, result.output
     assert store.history(anomaly_engine).windows > 0  # cold start: recorded, not flagged
     assert not seen
+    assert entered == ["start", "stop"] * 2
     store.insert_anomalies(
         anomaly_engine,
         [
