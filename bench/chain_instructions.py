@@ -504,7 +504,8 @@ def main() -> None:
     print(f"counting {len(jobs)} processes under callgrind, two at a time...", flush=True)
     with ThreadPoolExecutor(max_workers=2) as pool:
         counted = pool.map(
-            lambda job: count(*job, args.redis_url, args.concurrency, args.sockets, args), jobs
+            lambda job: count(job[0], job[1], args.redis_url, args.concurrency, args.sockets, args),
+            jobs,
         )
         totals = dict(zip(jobs, counted, strict=True))
     per_request = {v: (totals[v, high] - totals[v, low]) / (high - low) for v in variants}
