@@ -47,7 +47,7 @@ MAGIC = b"BASTION-IC1\n"
 
 # --------------------------------------------------------------------------- normalisation
 
-_INVISIBLE = {
+_INVISIBLE: dict[int, int | None] = {
     cp: None
     for cp in (*range(0x20000), *range(0xE0000, 0xE1000))
     if unicodedata.category(chr(cp)) == "Cf" and not 0xE0000 <= cp <= 0xE007F
@@ -242,7 +242,8 @@ class Model:
         length = len(norm) + 2
         if length <= self.window:
             uniq = np.unique(buckets)
-            return self.bias + float(self.weights[uniq].sum()) / max(uniq.size, 1) ** self.alpha
+            total = float(self.weights[uniq].sum())
+            return float(self.bias + total / max(uniq.size, 1) ** self.alpha)
         # Occurrences grouped by half-window segment (a stable radix sort of small ints);
         # window k is segments k and k+1, one contiguous slice.
         stride = self.window // 2
