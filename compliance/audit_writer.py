@@ -27,7 +27,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Protocol, Self
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Engine
@@ -81,6 +81,16 @@ class WriterStats:
     """Batches tried again after a lock conflict (:func:`is_lock_conflict`)."""
 
 
+class WriterObserver(Protocol):
+    """What the writer reports (gateway: monitors.metrics_sink.AuditMetrics)."""
+
+    def queue_depth(self, depth: int) -> None: ...
+
+    def write(self, seconds: float) -> None: ...
+
+    def failure(self) -> None: ...
+
+
 class AuditWriter:
     """Queue + background thread + group commit over one :class:`ChainAppender`.
 
@@ -89,11 +99,19 @@ class AuditWriter:
     """
 
     def __init__(
-        self, appender: ChainAppender, *, queue_size: int = 10_000, max_batch: int = 1_000
+        self,
+        appender: ChainAppender,
+        *,
+        queue_size: int = 10_000,
+        max_batch: int = 1_000,
+        observer: WriterObserver | None = None,
     ) -> None:
+        """``observer``: told of each batch's commit time, each failure and the queue's
+        depth, from the writer thread (the gateway's metrics)."""
         if queue_size < 1 or max_batch < 1:
             raise ValueError("queue_size and max_batch must be at least 1")
         self.appender = appender
+        self._observer = observer
         self.stats = WriterStats()
         self._queue_size = queue_size
         self._max_batch = max_batch
@@ -119,11 +137,13 @@ class AuditWriter:
         policy: CheckpointPolicy | None = None,
         queue_size: int = 10_000,
         max_batch: int = 1_000,
+        observer: WriterObserver | None = None,
     ) -> AuditWriter:
         """A started writer for this process: its own chain, data keys from ``master_key``."""
         keyring = KeyRing(engine, master_key)
         appender = ChainAppender(engine, keyring, signing_key, writer_id, policy=policy)
-        return cls(appender, queue_size=queue_size, max_batch=max_batch).start()
+        writer = cls(appender, queue_size=queue_size, max_batch=max_batch, observer=observer)
+        return writer.start()
 
     @property
     def keyring(self) -> KeyRing:
@@ -236,16 +256,23 @@ class AuditWriter:
 
     def _write(self, batch: list[tuple[PreparedRecord, Waiter]]) -> None:
         records = [prepared for prepared, _ in batch]
+        observer = self._observer
+        started = time.perf_counter()
         try:
             refs = self._append_riding_out_locks(records)
         except Exception as exc:
             self.stats.failed_batches += 1
+            if observer is not None:
+                observer.failure()
             log.error("audit writer %s: a batch of %d failed: %s", self.writer_id, len(batch), exc)
             error = AuditWriteError(f"the audit entry could not be written: {exc}")
             error.__cause__ = exc
             _settle_all([(waiter, None, error) for _, waiter in batch])
             time.sleep(_FAILURE_PAUSE_S)  # a database that is down is not hammered
             return
+        if observer is not None:
+            observer.write(time.perf_counter() - started)
+            observer.queue_depth(len(self._queue))
         self.stats.entries += len(batch)
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))

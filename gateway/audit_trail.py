@@ -36,6 +36,7 @@ from gateway.guards.call_summary import guard_summary
 from gateway.pipeline import CallContext
 from gateway.store_probe import StoreProbe
 from gateway.watermark.answer_filter import STATE_KEY as WATERMARK_STATE
+from monitors.metrics_sink import AuditMetrics
 
 log = logging.getLogger("bastion.audit")
 
@@ -81,6 +82,7 @@ class AuditTrail:
             writer_id=writer_id,
             policy=policy,
             queue_size=self.settings.queue_size,
+            observer=AuditMetrics(),
         )
         log.info("audit log: writing chain %s", writer_id)
 

@@ -21,6 +21,7 @@ from gateway.commands.inference import inference_app
 from gateway.commands.keys import keys_app
 from gateway.commands.secrets import secrets_app
 from gateway.commands.serve import serve
+from monitors.dashboards.cli import dashboards_app
 from monitors.events.cli import make_events_app
 
 app = typer.Typer(
@@ -66,6 +67,7 @@ app.add_typer(compliance_app, name="compliance")
 # Observability topics: monitors/ knows nothing of the gateway's configuration, so each
 # gets the loader that reads it.
 app.add_typer(make_events_app(lambda path: load(path).events), name="events")
+app.add_typer(dashboards_app, name="dashboards")
 
 
 if __name__ == "__main__":

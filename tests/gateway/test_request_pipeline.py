@@ -322,3 +322,5 @@ def test_refusals_and_calls_reach_the_metrics(pool: ProcessPool, tmp_path: Path)
         text, "bastion_request_duration_seconds_count", route="/v1/chat/completions", model="m1"
     )
     assert duration >= 3
+    # The audit writer's commits (its thread reports to the metrics).
+    assert metric_value(text, "bastion_audit_write_duration_seconds_count") >= 1
