@@ -294,9 +294,7 @@ class FeatureBuilder:
         X[:, INDEX["requests_trail"]] = np.log1p(trail.requests)
         X[:, INDEX["rate_trail"]] = np.log((trail.requests + 1) / (trail.expected + 1))
         X[:, INDEX["guard_hits_trail"]] = trail.hits / (trail.requests + 1)
-        X[:, INDEX["hour_surprise_trail"]] = np.where(
-            np.isnan(surprise), np.nan, trail.surprise
-        )
+        X[:, INDEX["hour_surprise_trail"]] = np.where(np.isnan(surprise), np.nan, trail.surprise)
         models, model_inv = np.unique(cols.model.astype(str), return_inverse=True)
         model_index = profiles.model_index(models)[model_inv]
         rare = profiles.rare_model(w_key[group], model_index)
