@@ -187,10 +187,11 @@ class Cluster:
 
     def start(self) -> None:
         errors: list[BaseException] = []
+        entries: list[dict[str, Any] | Upstream] = list(self.upstreams)
 
         def one() -> None:
             try:
-                gateway = self.pool.gateway(self.upstreams, wait_ready=True, **self.overrides)
+                gateway = self.pool.gateway(entries, wait_ready=True, **self.overrides)
                 self.replicas.append(gateway)
             except BaseException as exc:  # re-raised in the test's thread
                 errors.append(exc)

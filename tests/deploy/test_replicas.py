@@ -379,3 +379,31 @@ def test_rate_limit_holds_exactly_across_replicas(
         strict.stop()
     finally:
         pool.close()
+
+
+@pytest.mark.xfail(
+    raises=RuntimeError,  # a replica that did not start; any other failure is a real one
+    strict=False,  # the race is likely (3 of 3 runs here), not certain
+    reason="gateway.store.migrate takes no lock: replicas starting together on an empty "
+    "PostgreSQL database race on CREATE TABLE alembic_version (UniqueViolation); the "
+    "migration Job runs first for this reason (docs/kubernetes.md)",
+)
+def test_replicas_cold_start_together_on_an_empty_database(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """No migration Job: three replicas start at once on an empty database. When this
+    passes every time (a lock around the migration), remove the xfail mark."""
+    with postgres_database() as url:
+        pool = ProcessPool(tmp_path_factory.mktemp("coldstart"))
+        try:
+            upstream = pool.upstream("fast", ["dev-model"])
+            cluster = Cluster(pool, pool.work_dir / "cluster", url, REDIS_URL, [upstream])
+            try:
+                cluster.start()
+            except RuntimeError as exc:
+                assert "UniqueViolation" in str(exc) or "already exists" in str(exc), str(exc)
+                raise
+            assert len(cluster.replicas) == 3
+            cluster.stop()
+        finally:
+            pool.close()
