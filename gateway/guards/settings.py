@@ -88,8 +88,12 @@ DEFAULT_INPUT: dict[str, ScannerPolicy] = {
     "invisible_text": ScannerPolicy(action="redact"),
     "secrets": ScannerPolicy(action="redact"),
     "sql_injection": ScannerPolicy(action="block", message_roles=("user", "tool", "prompt")),
-    # System prompts are the operator's own; assistant turns are the model's.
-    "prompt_injection": ScannerPolicy(action="block", message_roles=("user", "tool", "prompt")),
+    # System prompts are the operator's own; assistant turns are the model's. Flagged, not
+    # blocked, by default: the shipped classifier meets its targets on its held-out set,
+    # but flagged 34 of 44 2,000-character chunks of this project's own technical docs
+    # (and some two-character prompts): block it once bench/guards.py and your own
+    # traffic say it holds (docs/guards.md).
+    "prompt_injection": ScannerPolicy(action="flag", message_roles=("user", "tool", "prompt")),
     "pii": ScannerPolicy(action="redact"),
     "token_limit": ScannerPolicy(action="block"),
 }

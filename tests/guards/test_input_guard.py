@@ -17,8 +17,12 @@ from tests.guards.calls import chat, make_call
 from tests.guards.scanners_for_tests import BrokenScanner, SlowScanner, WordScanner
 
 
+BLOCKING = GuardSettings(input={"prompt_injection": {"action": "block"}})
+"""The default policy with the injection classifier blocking (its default is flag)."""
+
+
 def guard(settings: GuardSettings | None = None, injection: object | None = None) -> InputGuard:
-    settings = settings or GuardSettings()
+    settings = settings or BLOCKING
     # The rule scanners as shipped, and a stand-in classifier with a known answer (the
     # shipped classifier has its own tests, and test_offline runs it in the pipeline).
     without = settings.input["prompt_injection"].model_copy(update={"enabled": False})
@@ -109,6 +113,7 @@ async def test_message_roles_skip_system_prompts() -> None:
 async def test_policy_per_role_and_per_key() -> None:
     settings = GuardSettings.model_validate(
         {
+            "input": {"prompt_injection": {"action": "block"}},
             "roles": {"data_scientist": {"input": {"pii": {"action": "flag"}}}},
             "keys": {"trusted-key": {"input": {"prompt_injection": {"enabled": False}}}},
         }

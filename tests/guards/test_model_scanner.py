@@ -102,7 +102,10 @@ def test_missing_files_and_labels_are_errors(tmp_path: Path, model_dir: Path) ->
 
 async def test_an_operator_model_replaces_the_shipped_classifier(model_dir: Path) -> None:
     settings = GuardSettings.model_validate(
-        {"models": {"prompt_injection": {"path": str(model_dir), "positive_labels": ["UNSAFE"]}}}
+        {
+            "input": {"prompt_injection": {"action": "block"}},
+            "models": {"prompt_injection": {"path": str(model_dir), "positive_labels": ["UNSAFE"]}},
+        }
     )
     guard = InputGuard(settings)
     assert isinstance(guard.scanners["prompt_injection"], ONNXClassifierScanner)
