@@ -16,7 +16,6 @@ from gateway.guards.vault import PIIVault
 from tests.guards.calls import chat, make_call
 from tests.guards.scanners_for_tests import BrokenScanner, SlowScanner, WordScanner
 
-
 BLOCKING = GuardSettings(input={"prompt_injection": {"action": "block"}})
 """The default policy with the injection classifier blocking (its default is flag)."""
 
