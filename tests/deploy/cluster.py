@@ -2,9 +2,9 @@
 shape on one machine (shared PostgreSQL and Redis, a balancer that retries elsewhere).
 
 nginx stands in for the Service and the ingress controller: round robin over the
-replicas, ``proxy_next_upstream error timeout http_502 http_503 non_idempotent`` (a call
-whose replica died before answering is sent to another), no upstream keep-alive, no
-buffering (SSE passes through). ``drain(i)`` is a pod's deletion: out of the balancer
+replicas, ``proxy_next_upstream error non_idempotent`` (the Ingress's "error" with
+ingress-nginx's retry-non-idempotent: a call whose replica died before answering is sent
+to another), no upstream keep-alive, no buffering (SSE passes through). ``drain(i)`` is a pod's deletion: out of the balancer
 (nginx reloads; its old workers finish what they carry), the preStop pause, SIGTERM.
 """
 
@@ -53,7 +53,7 @@ http {{
             proxy_request_buffering on;
             proxy_connect_timeout 2s;
             proxy_read_timeout 30s;
-            proxy_next_upstream error timeout http_502 http_503 non_idempotent;
+            proxy_next_upstream error non_idempotent;
             proxy_next_upstream_tries 3;
             add_header x-replica $upstream_addr always;
         }}
