@@ -4,8 +4,9 @@ shape on one machine (shared PostgreSQL and Redis, a balancer that retries elsew
 nginx stands in for the Service and the ingress controller: round robin over the
 replicas, ``proxy_next_upstream error non_idempotent`` (the Ingress's "error" with
 ingress-nginx's retry-non-idempotent: a call whose replica died before answering is sent
-to another), no upstream keep-alive, no buffering (SSE passes through). ``drain(i)`` is a pod's deletion: out of the balancer
-(nginx reloads; its old workers finish what they carry), the preStop pause, SIGTERM.
+to another), no upstream keep-alive, no buffering (SSE passes through). ``drain(i)`` is
+a pod's deletion: out of the balancer (nginx reloads; its old workers finish what they
+carry), the preStop pause, SIGTERM.
 """
 
 from __future__ import annotations
