@@ -17,6 +17,7 @@ from starlette.routing import Match, Route, Router, request_response
 from compliance.unsigned_tails import sign_unsigned_tails
 from gateway.admin_routes import KeyAdmin
 from gateway.admission import Admission
+from gateway.anomaly_routes import AnomalyRoutes
 from gateway.answer_text import AnswerTextFilter
 from gateway.asgi import ASGIApp, Receive, Scope, Send
 from gateway.audit_trail import AuditCheck, AuditTrail
@@ -63,6 +64,8 @@ from gateway.watermark.detector import WatermarkDetector
 from gateway.watermark.endpoint import WatermarkEndpoint
 from gateway.watermark.keys import load_watermark_keys
 from monitors.access_log import AccessLogSink
+from monitors.anomaly.monitor import AnomalyMonitor
+from monitors.anomaly.records import audit_callback
 from monitors.events.shipper import EventShipper
 from monitors.metrics import EVENT_SINK_DROPPED
 from monitors.metrics_sink import MetricsSink
@@ -153,6 +156,12 @@ class BastionApp:
         self.sinks.add(self.metrics)
         if self.events is not None:
             self.sinks.add(self.events)
+        self.anomaly: AnomalyMonitor | None = None
+        if settings.anomaly.enabled:
+            on_flag = [audit_callback(self.audit.record)] if self.audit is not None else []
+            mac_key = derive_key(master_key, "anomaly-model")
+            self.anomaly = AnomalyMonitor(self.engine, settings.anomaly, mac_key, on_flag=on_flag)
+            self.sinks.add(self.anomaly)
         self.access_log: AccessLogSink | None = None
         if settings.logging.access_log:
             self.access_log = AccessLogSink(settings.logging)
@@ -239,6 +248,7 @@ class BastionApp:
 
         privacy, subject = self.privacy, "/privacy/subjects/{subject_id}"
         audit = self.compliance
+        anomalies = AnomalyRoutes(self.engine, self.settings.anomaly)
         reports = ComplianceReports(self.settings, self.engine, self.audit, self.sink_status)
 
         return [
@@ -260,6 +270,7 @@ class BastionApp:
             route("/compliance/processing-record", audit.processing_record, "GET", "audit:read"),
             route("/compliance/exports", reports.export, "POST", "audit:read"),
             route("/compliance/reports/ai-act", reports.ai_act, "GET", "audit:read"),
+            route("/compliance/anomalies", anomalies.list, "GET", "anomalies:read"),
             subject_route(subject, privacy.access, "GET"),
             subject_route(subject, privacy.rectify, "PATCH"),
             subject_route(subject, privacy.erase, "DELETE"),
@@ -305,6 +316,8 @@ class BastionApp:
             await asyncio.to_thread(sign_unsigned_tails, self.engine, self._signing_key)
         if self.events is not None:
             await self.events.start()
+        if self.anomaly is not None:
+            await self.anomaly.start()
         await asyncio.to_thread(self.key_cache.load)
         self.key_cache.start()
         await self.restrictions.start()
@@ -336,6 +349,8 @@ class BastionApp:
             if self.limiter is not None:
                 await self.limiter.aclose()
             await self.transport.aclose()
+            if self.anomaly is not None:
+                await self.anomaly.stop()  # its last flags still go to the audit log
             if self.audit is not None:
                 await self.audit.stop()  # what is queued, then a final signed checkpoint
             self.engine.dispose()

@@ -19,6 +19,7 @@ from gateway.commands.config import config_app
 from gateway.commands.dev import dev
 from gateway.commands.inference import inference_app
 from gateway.commands.keys import keys_app
+from gateway.commands.monitor import anomalies_app, monitor_app
 from gateway.commands.secrets import secrets_app
 from gateway.commands.serve import serve
 from monitors.dashboards.cli import dashboards_app
@@ -68,6 +69,8 @@ app.add_typer(compliance_app, name="compliance")
 # gets the loader that reads it.
 app.add_typer(make_events_app(lambda path: load(path).events), name="events")
 app.add_typer(dashboards_app, name="dashboards")
+app.add_typer(monitor_app, name="monitor")
+app.add_typer(anomalies_app, name="anomalies")
 
 
 if __name__ == "__main__":

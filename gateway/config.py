@@ -36,6 +36,7 @@ from pydantic_settings import (
 from gateway.config_paths import resolve_relative_paths
 from gateway.guards.settings import GuardSettings
 from inference.settings import InferenceSettings
+from monitors.anomaly.settings import AnomalySettings
 from monitors.events.settings import EventSettings
 from monitors.logs import LoggingSettings
 from monitors.metrics_listener import parse_listen
@@ -372,6 +373,8 @@ class Settings(StoreSettings):
     """The vLLM tier that ``bastion inference serve`` starts (inference/settings.py)."""
     audit: AuditSettings = AuditSettings()
     admin: AdminSettings = AdminSettings()
+    anomaly: AnomalySettings = AnomalySettings()
+    """Anomaly detection over the request events (monitors/anomaly, docs/anomaly.md)."""
     guards: GuardSettings = GuardSettings()
     """Input and output guards (gateway/guards/settings.py, docs/guards.md); on by default."""
     logging: LoggingSettings = LoggingSettings()

@@ -31,6 +31,7 @@ Permission = Literal[
     "metrics:read",
     "priority:set",
     "keys:manage_privileged",
+    "anomalies:read",
 ]
 
 ROLE_PERMISSIONS: Mapping[str, frozenset[str]] = {
@@ -44,6 +45,7 @@ ROLE_PERMISSIONS: Mapping[str, frozenset[str]] = {
             "upstreams:read",
             "metrics:read",
             "priority:set",
+            "anomalies:read",
         }
     ),
     "model_admin": frozenset(
@@ -62,7 +64,14 @@ ROLE_PERMISSIONS: Mapping[str, frozenset[str]] = {
     ),
     "app": frozenset({"models:call", "models:list"}),
     "auditor": frozenset(
-        {"models:list", "watermark:detect", "audit:read", "privacy:manage", "metrics:read"}
+        {
+            "models:list",
+            "watermark:detect",
+            "audit:read",
+            "privacy:manage",
+            "metrics:read",
+            "anomalies:read",
+        }
     ),
 }
 assert set(ROLE_PERMISSIONS) == set(ROLES)

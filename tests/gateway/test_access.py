@@ -137,6 +137,7 @@ ROUTES: list[tuple[str, str, dict[str, Any] | None, str]] = [
         "audit:read",
     ),
     ("GET", "/compliance/reports/ai-act", None, "audit:read"),
+    ("GET", "/compliance/anomalies", None, "anomalies:read"),
     ("GET", "/privacy/subjects/matrix-subject", None, "privacy:manage"),
     ("PATCH", "/privacy/subjects/matrix-subject", {"display_name": "M"}, "privacy:manage"),
     ("POST", "/privacy/subjects/matrix-subject/restrict", {}, "privacy:manage"),
