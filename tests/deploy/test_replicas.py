@@ -32,7 +32,7 @@ from tests.upstream_server import SLOW_STREAM_CHUNKS, expected_text
 REDIS_URL = os.environ.get("BASTION_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 CHAT = "/v1/chat/completions"
 KEY_REFRESH_S = 1.0
-PRE_STOP_S = 1.0
+PRE_STOP_S = 2.0  # streams (10 s) must end within uvicorn's 10 s drain after SIGTERM
 FIGURES: dict[str, Any] = {}
 SLOW_TEXT = " ".join(f"t{i}" for i in range(SLOW_STREAM_CHUNKS))  # the fixture's slow_stream
 
@@ -285,17 +285,21 @@ def test_rolling_restart_fails_no_call_and_cuts_no_stream(cluster: Cluster) -> N
     drains = []
     streams: list[threading.Thread] = []
     try:
-        for index, gateway in enumerate(cluster.replicas):
+
+        def start_streams(index: int) -> None:
             # Streams on the replica about to go, sent to it directly (as a connection the
             # ingress holds), each about 10 s long.
+            url = cluster.replicas[index].url
             batch = [
-                threading.Thread(target=streamer, args=(gateway.url, f"roll-stream-{index}-{j}"))
+                threading.Thread(target=streamer, args=(url, f"roll-stream-{index}-{j}"))
                 for j in range(2)
             ]
             for t in batch:
                 t.start()
-            streams += batch
-            time.sleep(0.5)  # the streams are under way
+            streams.extend(batch)
+
+        for index in range(len(cluster.replicas)):
+            start_streams(index)  # under way through the balancer's reload and the preStop
             drains.append(round(cluster.drain(index, PRE_STOP_S), 2))
             cluster.restart(index)
     finally:
@@ -310,6 +314,9 @@ def test_rolling_restart_fails_no_call_and_cuts_no_stream(cluster: Cluster) -> N
     }
     assert problems == [], problems[:5]
     assert streams_whole == 6 and answered > 30
+    # Each SIGTERM found its streams in flight and waited for them (uvicorn alone exits in
+    # well under a second).
+    assert min(drains) > 2.0, drains
 
 
 def test_audit_chains_of_every_replica_verify(cluster: Cluster) -> None:
