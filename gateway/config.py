@@ -119,6 +119,9 @@ class ServerSettings(Section):
     max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     """The most a request's head (target and headers) may take: a larger one is answered
     431 and its connection closed, before the rest of it is read."""
+    shutdown_grace_s: PositiveSeconds = 10.0
+    """On SIGTERM, how long in-flight calls (streams) may take to finish before they are
+    cut; a rollout's terminationGracePeriodSeconds must be longer."""
     body_timeout_s: PositiveSeconds = 30.0
     """A request body must arrive within this (408 after it): a client sending a byte now
     and then cannot hold a connection for good."""

@@ -106,6 +106,9 @@ def make_engine(url: str, *, busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> E
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
 
+MIGRATION_LOCK = 0x6261_7374_696F_6E  # "bastion": the advisory lock migrations hold
+
+
 def migrate(engine: Engine) -> None:
     """Upgrade the database to the latest schema revision (idempotent)."""
     from alembic import command
@@ -114,5 +117,9 @@ def migrate(engine: Engine) -> None:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Replicas starting together on an empty database: one migrates, the others
+            # wait for it and then find nothing to do (instead of racing on the tables).
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
         config.attributes["connection"] = connection
         command.upgrade(config, "head")

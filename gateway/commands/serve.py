@@ -79,7 +79,7 @@ def run_server(
         **uvicorn_log_options(settings.logging, dev=settings.dev, uvicorn_access=access_log),
         "proxy_headers": False,
         "server_header": False,
-        "timeout_graceful_shutdown": 10,
+        "timeout_graceful_shutdown": server.shutdown_grace_s,
         # gateway.listener bounds a request's head by it (uvicorn's h11 as well).
         "h11_max_incomplete_event_size": server.max_header_bytes,
         "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",

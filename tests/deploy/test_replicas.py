@@ -388,18 +388,11 @@ def test_rate_limit_holds_exactly_across_replicas(
         pool.close()
 
 
-@pytest.mark.xfail(
-    raises=RuntimeError,  # a replica that did not start; any other failure is a real one
-    strict=False,  # the race is likely (3 of 3 runs here), not certain
-    reason="gateway.store.migrate takes no lock: replicas starting together on an empty "
-    "PostgreSQL database race on CREATE TABLE alembic_version (UniqueViolation); the "
-    "migration Job runs first for this reason (docs/kubernetes.md)",
-)
 def test_replicas_cold_start_together_on_an_empty_database(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    """No migration Job: three replicas start at once on an empty database. When this
-    passes every time (a lock around the migration), remove the xfail mark."""
+    """No migration Job: three replicas start at once on an empty database; the
+    migration's advisory lock lets one migrate while the others wait (gateway.store)."""
     with postgres_database() as url:
         pool = ProcessPool(tmp_path_factory.mktemp("coldstart"))
         try:
