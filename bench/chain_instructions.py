@@ -80,7 +80,9 @@ SWITCHES: dict[str, dict[str, Any]] = {
 # callgrind every answer of a turn of 32 did (the watch, a task, then counted ~10 % of a
 # request, and more or less of it depending on the machine's load); rate-limit
 # corrections go to Redis every 0.25 s (gateway.ratelimit), once per ~1,000 requests at
-# full speed, once per 6 under callgrind.
+# full speed, once per 6 under callgrind; the access log's writer thread wakes every
+# 50 ms (monitors.access_log), once per ~100 requests at full speed, once per one or two
+# under callgrind.
 TIME_STRETCH = 50
 SOCKET_VARIANTS = (*VARIANTS, "bastion-secure")
 MODEL = "m1"
@@ -481,9 +483,13 @@ def main() -> None:
 
         import gateway.proxy
         import gateway.ratelimit
+        from monitors.access_log import AccessLogSink
 
         gateway.proxy.WATCH_DISCONNECT_AFTER_S *= TIME_STRETCH
         gateway.ratelimit.FLUSH_EVERY_S *= TIME_STRETCH
+        # A keyword-only default of the sink's constructor (gateway.app passes none).
+        access_log_defaults = AccessLogSink.__init__.__kwdefaults__
+        access_log_defaults["interval_s"] *= TIME_STRETCH
 
         served = serve_over_sockets if args.sockets else serve
         variant, n = args.serve[0], int(args.serve[1])
