@@ -46,6 +46,8 @@ from monitors.anomaly.profiles import KeyProfiles
 from monitors.anomaly.trail import TRAILED, ZTrail
 
 Z_CAP = 30.0
+TWO_SIDED_TRAILED = DIRECTION[TRAILED] == 0
+"""Trailed features anomalous in both directions (their combined z counts as |z|)."""
 MIN_KEY_WINDOWS = 30
 """A key's own median/MAD is used once it has this many training windows."""
 MAD_TO_SD = 1.4826
@@ -160,8 +162,12 @@ class Baseline:
         per_request = TESTS == "per_request"
         scale = np.where(per_request, scale * shrink[:, None], scale)
         z = (X - median) / scale
-        directed = np.where(DIRECTION > 0, z, np.where(DIRECTION < 0, -z, np.abs(z)))
-        signed = np.clip(np.nan_to_num(directed[:, TRAILED]), -Z_CAP, Z_CAP)
+        oriented = np.where(DIRECTION < 0, -z, z)
+        directed = np.where(DIRECTION == 0, np.abs(z), oriented)
+        # The trail needs the sign even of a two-sided feature: |z| summed over a key's
+        # recent windows only grows (Stouffer over 2-s windows put a normal key's
+        # completion_tokens at z 10); its combination is made two-sided afterwards.
+        signed = np.clip(np.nan_to_num(oriented[:, TRAILED]), -Z_CAP, Z_CAP)
         rates = np.where(known[:, None], self.rate[safe], self.fleet_rate)
         trail_n = np.expm1(X[:, INDEX["requests_trail"]])
         for test, trials in (("count", n), ("count_trail", trail_n)):
@@ -249,7 +255,9 @@ class AnomalyModel:
     ) -> Scores:
         directed, signed = self.baseline.z(key_id, X)
         if trail is not None and start_us is not None:
-            combined = np.clip(trail.combine(key_id, start_us, signed), 0.0, Z_CAP)
+            combined = trail.combine(key_id, start_us, signed)
+            combined = np.where(TWO_SIDED_TRAILED, np.abs(combined), combined)
+            combined = np.clip(combined, 0.0, Z_CAP)
             directed[:, TRAILED] = np.maximum(directed[:, TRAILED], combined)
         raw = np.zeros((len(X), len(FAMILIES)))
         for f in range(len(FAMILIES)):

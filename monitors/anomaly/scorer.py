@@ -39,6 +39,8 @@ LEASE_NAME = "anomaly-scorer"
 MAX_BACKFILL_US = 3_600_000_000
 """A scorer that was away longer than this scores only the last hour."""
 MAX_REQUEST_IDS = 500
+MAX_CHUNKS = 120
+"""A backfill is scored in at most this many time-ordered batches (see ``_chunks``)."""
 
 
 def _now_us() -> int:
@@ -96,15 +98,34 @@ class AnomalyScorer:
         if boundary > start:
             rows = store.read_events(self.engine, start, boundary)
             if rows:
-                batch = self.builder.build(EventColumns.from_rows(rows))
-                result.windows = len(batch)
-                result.flags = self._score(batch)
+                for part in self._chunks(EventColumns.from_rows(rows)):
+                    batch = self.builder.build(part)
+                    result.windows += len(batch)
+                    result.flags += self._score(batch)
             if not self.lease.record_run(boundary):
                 self._held = False
                 return result
             self._scored_to = boundary
         result.trained = self._maybe_train(now)
         return result
+
+    def _chunks(self, cols: EventColumns) -> list[EventColumns]:
+        """The events in time order, cut at window edges into at most MAX_CHUNKS parts.
+
+        A window's rate and hour features compare it with its key's profile of *earlier*
+        windows, which is updated after each batch. Live ticks see a window or two at a
+        time, but a backfill (the first holder, a takeover after a gap) reads up to an
+        hour at once: built as one batch, all of it would be compared with the profile as
+        it was before (empty on a first start, so the rate features were missing in every
+        training window and any busier live window looked like a volume anomaly).
+        """
+        window = cols.end_us // self._window_us
+        first = int(window.min())
+        per_chunk = max(1, -(-(int(window.max()) - first + 1) // MAX_CHUNKS))
+        chunk = (window - first) // per_chunk
+        order = np.argsort(chunk, kind="stable")
+        edges = np.flatnonzero(np.diff(chunk[order])) + 1
+        return [cols.take(part) for part in np.split(order, edges)]
 
     def _take_over(self) -> None:
         """Newly holding the lease: the stored model, and where the last holder stopped."""
