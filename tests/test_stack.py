@@ -334,7 +334,8 @@ def test_one_shots_set_up_events_and_kibana(services: dict[str, Any]) -> None:
     assert setup["command"][:2] == ["events", "setup"]
     kibana_import = {t: s for s, t in bind_mounts(services["kibana-import"])}
     assert (
-        kibana_import["/import/bastion-events.ndjson"] == REPO_ROOT / "kibana/bastion-events.ndjson"
+        kibana_import["/import/bastion-events.ndjson"]
+        == REPO_ROOT / "dashboards/kibana/bastion-events.ndjson"
     )
     assert services["kibana"]["depends_on"]["elasticsearch-users"]["condition"] == (
         "service_completed_successfully"
