@@ -293,9 +293,24 @@ class Forwarder:
                 log.warning("upstream %s failed mid-stream: %s", upstream.name, exc.message)
             outcome.status = exc.status
             call.event.error_type = exc.code
-            await send({"type": "http.response.body", "body": sse_error_event(exc)})
+            held = b"" if in_filters else await _release_held(call)
+            await send({"type": "http.response.body", "body": held + sse_error_event(exc)})
         finally:
             await response.close()
+
+
+async def _release_held(call: CallContext) -> bytes:
+    """What the filters still hold when the upstream failed mid-stream (text a guard held
+    back to scan it), scanned and released before the error event; nothing if a filter
+    refuses it."""
+    if not call.filters:
+        return b""
+    try:
+        held = await run_filters(call.filters, b"", last=True)
+    except GatewayError:
+        return b""
+    call.note_delivered(held)
+    return held
 
 
 def openai_error(status: int, body: bytes) -> bytes:
