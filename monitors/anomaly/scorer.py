@@ -5,9 +5,10 @@ Each :meth:`AnomalyScorer.tick` (blocking: run it in a thread) takes or renews t
 ``anomaly-scorer`` lease (compliance/job_lease.py, as audit retention does). The holder
 reads the events that ended since the last scored window boundary (kept in the lease's
 ``last_run_us``, so a new holder continues where the old one stopped), builds the key
-windows that have ended (``grace_s`` after their end), scores them in one batch, explains
-the flagged ones, stores windows and flags, and returns the flags for the caller to send
-on (metrics are counted here). Then, when due, it retrains on the recent unflagged
+windows that have ended (``grace_s`` after their end), scores them (a backfill in
+time-ordered parts, so that each window meets the profiles of the windows before it),
+explains the flagged ones, stores windows and flags, and returns the flags for the caller
+to send on (metrics are counted here). Then, when due, it retrains on the recent unflagged
 windows and stores the new model version. Until there is enough history (cold start)
 windows are recorded but nothing is flagged.
 """
