@@ -185,7 +185,9 @@ def test_the_gateway_runs_it_while_it_is_up(
             assert time.monotonic() < deadline, "retention never ran"
             time.sleep(0.05)
         with store.connect() as connection:
-            lease = connection.execute(select(job_leases)).one()
+            lease = connection.execute(
+                select(job_leases).where(job_leases.c.name == LEASE_NAME)
+            ).one()
         assert lease.name == LEASE_NAME and lease.holder == app.retention.lease.holder
     assert not app.retention.lease.state().held  # released at shutdown
     assert verified(store, signing_key).ok
@@ -213,7 +215,11 @@ def test_three_workers_of_a_served_gateway_run_it_one_at_a_time(
     holders = set()
     for _ in range(15):
         with store.connect() as connection:
-            holders.add(connection.execute(select(job_leases.c.holder)).scalar_one())
+            holders.add(
+                connection.execute(
+                    select(job_leases.c.holder).where(job_leases.c.name == LEASE_NAME)
+                ).scalar_one()
+            )
         time.sleep(0.1)
     assert len(holders) == 1, holders
     pid = int(holders.pop().rsplit("-", 2)[1])
