@@ -533,27 +533,25 @@ def main() -> None:
     features = feature_costs(per_request)
     if features:
         print("\nwhat the switched-off features cost: the variant with them on minus without")
-        for without, (with_on, added, share) in features.items():
-            print(
-                f"  {with_on} - {without}: {added:+,.0f} instructions/request"
-                f" ({share:.1%} of {with_on}'s)"
-            )
+        for pair, (with_on, added, share) in features.items():
+            print(f"  {pair}: {added:+,.0f} instructions/request ({share:.1%} of {with_on}'s)")
     print(json.dumps({"instructions_per_request": per_request, "feature_costs": features}))
 
 
 def feature_costs(per_request: dict[str, float]) -> dict[str, tuple[str, float, float]]:
-    """For each measured variant with features switched off (``bastion-guards-off``) whose
-    variant with them on (``bastion``) was measured too: that variant, the instructions
-    the features add per request, and their share of that variant's instructions."""
+    """For each measured variant with a feature switched off (``bastion-guards-off``) and
+    the same variant with that one feature on (``bastion``) measured too: that variant,
+    the instructions the feature adds per request, and their share of that variant's.
+    Keyed ``"with - without"``; a variant with two switches pairs with each one-switch
+    variant that was measured."""
     out: dict[str, tuple[str, float, float]] = {}
     for without, instructions in per_request.items():
-        with_on = without
         for suffix in SWITCHES:
-            with_on = with_on.replace(suffix, "")
-        on = per_request.get(with_on)
-        if with_on == without or not on:
-            continue
-        out[without] = (with_on, on - instructions, 1 - instructions / on)
+            with_on = without.replace(suffix, "", 1)
+            on = per_request.get(with_on)
+            if with_on == without or not on:
+                continue
+            out[f"{with_on} - {without}"] = (with_on, on - instructions, 1 - instructions / on)
     return out
 
 

@@ -38,8 +38,13 @@ def test_feature_costs_are_the_variant_with_it_on_minus_without() -> None:
     costs = feature_costs(
         {"bare": 300.0, "bastion": 400.0, "bastion-guards-off": 350.0, "bare-no-telemetry": 1.0}
     )
-    assert costs["bastion-guards-off"] == ("bastion", 50.0, pytest.approx(0.125))
-    assert costs["bare-no-telemetry"][0] == "bare"
-    assert "bastion" not in costs and "bare" not in costs
+    assert costs["bastion - bastion-guards-off"] == ("bastion", 50.0, pytest.approx(0.125))
+    assert costs["bare - bare-no-telemetry"][0] == "bare"
+    assert len(costs) == 2
+    # Two switches: paired with each variant that has one of them on.
+    counted = {"bare-guards-off": 500.0, "bare-no-telemetry": 900.0}
+    two = feature_costs({**counted, "bare-guards-off-no-telemetry": 490.0})
+    assert two["bare-guards-off - bare-guards-off-no-telemetry"][1] == 10.0
+    assert two["bare-no-telemetry - bare-guards-off-no-telemetry"][1] == 410.0
     # A variant with the feature off whose counterpart was not counted: nothing to say.
     assert feature_costs({"bastion-redis-guards-off": 1.0}) == {}
