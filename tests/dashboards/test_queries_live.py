@@ -261,6 +261,9 @@ AFTER_A_FAULT = {
     "bastion_events_failed_total": "the cluster refused a document for good (by reason)",
     "bastion_event_sink_dropped_total": "a sink's queue overflowed (by sink)",
     "bastion_anomaly_flags_total": "the detector flagged traffic (by family)",
+    # Scored only once a model is trained: after anomaly.min_history_s (a day by default)
+    # of history; tests/monitors/test_anomaly_gateway.py trains one through the gateway.
+    "bastion_anomaly_score_bucket": "the detector scored a window with a trained model",
 }
 
 
