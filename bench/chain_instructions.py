@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import os
 import re
@@ -64,14 +63,21 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
-VARIANTS = ("bare", "bastion", "bastion-redis")
-# Suffixes of a variant's name that turn one feature off (see the module docstring).
-SWITCHES: dict[str, dict[str, Any]] = {
-    "-guards-off": {"guards": {"enabled": False}},
-    "-no-telemetry": {"logging": {"access_log": False}},
-}
+# Run as a script: the repository root makes the bench.chain package importable (the
+# counted process gets it through PYTHONPATH, see count()).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.chain.serving import (  # noqa: E402
+    LOGGING_ENV,
+    load_and_upstream,
+    serve,
+    serve_over_sockets,
+)
+from bench.chain.variants import SOCKET_VARIANTS, SWITCHES, VARIANTS, split_variant  # noqa: E402
+
 # Callgrind runs the gateway 35-50 times slower than it runs at full speed. The gateway's
 # timers that decide how much work a request costs are stretched by this much in the
 # counted process, so that they fire as often per request as they do at full speed: a
@@ -84,309 +90,6 @@ SWITCHES: dict[str, dict[str, Any]] = {
 # 50 ms (monitors.access_log), once per ~100 requests at full speed, once per one or two
 # under callgrind.
 TIME_STRETCH = 50
-SOCKET_VARIANTS = (*VARIANTS, "bastion-secure")
-MODEL = "m1"
-
-
-def split_variant(variant: str) -> tuple[str, dict[str, Any]]:
-    """The base variant (one of SOCKET_VARIANTS) and the settings its switches change."""
-    changes: dict[str, Any] = {}
-    base = variant
-    while True:
-        suffix = next((s for s in SWITCHES if base.endswith(s)), None)
-        if suffix is None:
-            break
-        base = base[: -len(suffix)]
-        changes = deep_merge(changes, SWITCHES[suffix])
-    if base not in SOCKET_VARIANTS:
-        raise ValueError(
-            f"unknown variant {variant!r}: one of {', '.join(SOCKET_VARIANTS)},"
-            f" optionally followed by {' '.join(SWITCHES)}"
-        )
-    return base, changes
-
-
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def settings_for(
-    variant: str,
-    workdir: Path,
-    redis_url: str,
-    upstream: str = "http://127.0.0.1:9",
-    extra: dict[str, Any] | None = None,
-) -> Any:
-    """The settings of ``variant`` (switches included), with ``extra`` merged in last."""
-    from gateway.config import Settings
-
-    variant, changes = split_variant(variant)
-
-    never_throttle = {"requests_per_second": 1e9, "burst": 10**9, "tokens_per_minute": 10**12}
-    common: dict[str, Any] = {
-        "upstreams": [{"name": "a", "url": upstream, "models": [MODEL]}],
-        "database_url": f"sqlite:///{workdir / 'bastion.db'}",
-        "health_check": {"enabled": False},
-        "audit": {"enabled": False},
-        "master_key": base64.b64encode(b"b" * 32).decode(),
-        # No refresh during the count: its thread would add work that depends on time.
-        "auth": {"key_refresh_s": 3600},
-    }
-    if variant == "bare":
-        common.update(dev=True, auth={"enabled": False}, rate_limits={"enabled": False})
-    elif variant == "bastion":
-        common["rate_limits"] = never_throttle
-    else:
-        common["auth"]["role_models"] = {"app": [MODEL]}
-        # Closed: a Redis failure shows as an error, not as a cheaper gateway. Valgrind
-        # runs the gateway some 50 times slower: no reply is late for that.
-        common["rate_limits"] = {
-            **never_throttle,
-            "redis_failure_mode": "closed",
-            "redis_timeout_s": 30,
-        }
-        common["redis_url"] = redis_url
-    if variant == "bastion-secure":
-        import trustme
-
-        leaf = trustme.CA().issue_cert("127.0.0.1")
-        certfile, keyfile = workdir / "cert.pem", workdir / "key.pem"
-        leaf.cert_chain_pems[0].write_to_path(str(certfile))
-        leaf.private_key_pem.write_to_path(str(keyfile))
-        common["server"] = {"tls": {"certfile": str(certfile), "keyfile": str(keyfile)}}
-    return Settings(**deep_merge(deep_merge(common, changes), extra or {}))
-
-
-def chat_request(key: str) -> bytes:
-    """The chat completion request every variant serves, with ``key`` as its API key."""
-    from gateway_hotpath import REQUEST
-
-    return (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\n"
-        b"Content-Type: application/json\r\nAccept: application/json\r\n"
-        b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
-        % (key.encode(), len(REQUEST), REQUEST)
-    )
-
-
-class RecordingSocket(asyncio.Transport):
-    """Keeps what the protocol writes; wakes the driver when an answer is complete."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.written: list[bytes] = []
-        self.answered: asyncio.Future[None] | None = None
-
-    def write(self, data: Any) -> None:
-        self.written.append(bytes(data))
-        if self.answered is not None and not self.answered.done():
-            self.answered.set_result(None)
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": ("127.0.0.1", 50000), "sockname": ("127.0.0.1", 8080)}.get(
-            name, default
-        )
-
-    def is_closing(self) -> bool:
-        return False
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-async def serve(
-    variant: str, requests: int, redis_url: str, concurrency: int, extra: dict[str, Any]
-) -> None:
-    """Serve ``requests`` requests in process (what valgrind counts)."""
-    import uvicorn
-    from gateway_hotpath import ZeroCostUpstream
-    from uvicorn.server import ServerState
-
-    from gateway.app import BastionApp
-    from gateway.listener import ListenerProtocol
-
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = settings_for(variant, Path(tmp), redis_url, extra=extra)
-        configure_logging_if_asked(settings)
-        app = BastionApp(settings, ZeroCostUpstream())
-        lifespan = app._lifespan(app)
-        await lifespan.__aenter__()
-        try:
-            key = "none"
-            if app.settings.auth.enabled:
-                models = [MODEL] if split_variant(variant)[0] == "bastion-redis" else None
-                key, _ = app.key_store.create(["app"], models=models)
-                app.key_cache.load()
-            config = uvicorn.Config(app, http=ListenerProtocol, lifespan="off", access_log=False)
-            config.load()
-            loop = asyncio.get_running_loop()
-            request = chat_request(key)
-            # One connection per concurrent request, as wrk's; each turn hands every
-            # connection its next request and waits for all the answers.
-            state = ServerState()
-            connections = []
-            for _ in range(concurrency):
-                protocol = ListenerProtocol(config, state, {}, loop)
-                socket = RecordingSocket()
-                protocol.connection_made(socket)
-                connections.append((protocol, socket))
-            for _ in range(requests // concurrency):
-                for protocol, socket in connections:
-                    socket.answered = loop.create_future()
-                    protocol.data_received(request)
-                for _, socket in connections:
-                    await socket.answered
-                    answer = b"".join(socket.written)
-                    socket.written.clear()
-                    if not answer.startswith(b"HTTP/1.1 200 "):
-                        raise SystemExit(f"{variant}: not a 200: {answer[:300]!r}")
-            for protocol, _ in connections:
-                protocol.connection_lost(None)
-        finally:
-            await lifespan.__aexit__(None, None, None)
-
-
-async def serve_over_sockets(
-    variant: str, requests: int, redis_url: str, concurrency: int, extra: dict[str, Any]
-) -> None:
-    """Serve ``requests`` requests as ``bastion serve`` does: uvicorn on a TCP port (TLS
-    for bastion-secure), the gateway's own upstream client. The load and the upstream
-    are a child process (``--client``), which valgrind does not follow: not counted."""
-    import uvicorn
-
-    from gateway.app import BastionApp
-    from gateway.listener import ListenerProtocol
-    from gateway.tls import uvicorn_options
-
-    client = await asyncio.create_subprocess_exec(
-        sys.executable,
-        __file__,
-        "--client",
-        str(requests),
-        str(concurrency),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert client.stdin is not None and client.stdout is not None
-    upstream = (await client.stdout.readline()).decode().split()[-1]
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = settings_for(variant, Path(tmp), redis_url, upstream, extra)
-        configure_logging_if_asked(settings)
-        app = BastionApp(settings)
-        lifespan = app._lifespan(app)
-        await lifespan.__aenter__()
-        try:
-            key = "none"
-            if settings.auth.enabled:
-                base = split_variant(variant)[0]
-                models = [MODEL] if base in {"bastion-redis", "bastion-secure"} else None
-                key, _ = app.key_store.create(["app"], models=models)
-                app.key_cache.load()
-            options: dict[str, Any] = {"http": ListenerProtocol}
-            if settings.server.tls is not None:
-                options.update(uvicorn_options(settings.server.tls, "httptools"))
-            config = uvicorn.Config(
-                app,
-                host="127.0.0.1",
-                port=0,
-                lifespan="off",
-                access_log=False,
-                log_level="warning",
-                loop="none",
-                server_header=False,
-                **options,
-            )
-            server = uvicorn.Server(config)
-            serving = asyncio.create_task(server.serve())
-            while not server.started:  # noqa: ASYNC110 (uvicorn sets a flag, no event)
-                await asyncio.sleep(0.01)
-            port = server.servers[0].sockets[0].getsockname()[1]
-            scheme = "https" if settings.server.tls is not None else "http"
-            client.stdin.write(f"{scheme} {port} {key}\n".encode())
-            await client.stdin.drain()
-            outcome = (await client.stdout.readline()).decode().strip()
-            server.should_exit = True
-            await serving
-        finally:
-            await lifespan.__aexit__(None, None, None)
-    await client.wait()
-    if outcome != "done":
-        raise SystemExit(f"{variant}: the load failed: {outcome}")
-
-
-LOGGING_ENV = "BENCH_CHAIN_LOGGING"
-"""Set (by ``--logging``) in the counted process: configure logging as ``bastion serve``."""
-
-
-def configure_logging_if_asked(settings: Any) -> None:
-    if os.environ.get(LOGGING_ENV) == "1":
-        from monitors.logs import configure_logging
-
-        configure_logging(settings.logging, dev=False)
-
-
-async def load_and_upstream(requests: int, concurrency: int) -> None:
-    """The child of ``serve_over_sockets``: an upstream that answers every request with
-    a fixed chat completion, then the load (``concurrency`` connections kept open)."""
-    import ssl
-
-    from gateway_hotpath import ANSWER
-
-    answer = (
-        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-        % (len(ANSWER), ANSWER)
-    )
-
-    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-            except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-                break  # cancelled: the load is done and this process ends
-            length = re.search(rb"(?i)content-length: *(\d+)", head)
-            await reader.readexactly(int(length.group(1)) if length else 0)
-            writer.write(answer)
-        writer.close()
-
-    listening = await asyncio.start_server(upstream, "127.0.0.1", 0)
-    print(f"upstream http://127.0.0.1:{listening.sockets[0].getsockname()[1]}", flush=True)
-    scheme, port, key = (await asyncio.to_thread(sys.stdin.readline)).split()
-    request = chat_request(key)
-    tls = None
-    if scheme == "https":
-        tls = ssl.create_default_context()
-        tls.check_hostname = False
-        tls.verify_mode = ssl.CERT_NONE
-
-    async def connection(turns: int) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", int(port), ssl=tls)
-        for _ in range(turns):
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            if not head.startswith(b"HTTP/1.1 200 "):
-                raise RuntimeError(f"not a 200: {head[:300]!r}")
-            length = re.search(rb"(?i)content-length: *(\d+)", head)
-            await reader.readexactly(int(length.group(1)) if length else 0)
-        writer.close()
-
-    try:
-        await asyncio.gather(*(connection(requests // concurrency) for _ in range(concurrency)))
-        print("done", flush=True)
-    except (OSError, RuntimeError, asyncio.IncompleteReadError) as exc:
-        print(f"{type(exc).__name__}: {exc}", flush=True)
-    listening.close()
 
 
 def count(
@@ -489,6 +192,7 @@ def main() -> None:
         gateway.ratelimit.FLUSH_EVERY_S *= TIME_STRETCH
         # A keyword-only default of the sink's constructor (gateway.app passes none).
         access_log_defaults = AccessLogSink.__init__.__kwdefaults__
+        assert access_log_defaults is not None
         access_log_defaults["interval_s"] *= TIME_STRETCH
 
         served = serve_over_sockets if args.sockets else serve

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.chain_instructions import feature_costs, settings_for, split_variant
+from bench.chain.variants import settings_for, split_variant
+from bench.chain_instructions import feature_costs
 
 
 def test_switches_compose_and_unknown_names_are_refused() -> None:
