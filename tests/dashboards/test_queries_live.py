@@ -114,6 +114,7 @@ def send_traffic(live: Live, upstreams: list[Any]) -> None:
     assert live.call("/v1/chat/completions", None, chat_body(MODEL)) == 401
     assert live.call("/v1/chat/completions", "bst_" + "0" * 40, chat_body(MODEL)) == 401
     assert live.call("/v1/chat/completions", live.keys["auditor"], chat_body(MODEL)) == 403
+    time.sleep(1.2)  # the keys' buckets (5 a second) refill: these must not meet a 429
     # A prompt the input guards block (400 guard_blocked) and one they flag (the shipped
     # injection classifier flags by default): the dashboards chart both verdicts.
     sql = "Look up user admin' OR '1'='1' -- now"
@@ -137,7 +138,9 @@ def send_traffic(live: Live, upstreams: list[Any]) -> None:
         live.call("/v1/chat/completions", apps[i % APP_KEYS], chat_body(MODEL, f"retry {i}"))
     upstreams[0].set_mode("ok")
     # Seconds after the first answers: series created lazily by those (a model's
-    # repetition histogram) now grow between scrapes, so their rates are not 0/0.
+    # repetition histogram) now grow between scrapes, so their rates are not 0/0. The
+    # keys' buckets (5 a second) refill first: on a quick machine the calls above used them.
+    time.sleep(1.2)
     for i in range(4):
         prompt = f"after the failure {i} the weather on the northern coast and the tides again"
         body = chat_body(MODEL, prompt, stream=i % 2 == 0)
