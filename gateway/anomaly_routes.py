@@ -12,7 +12,6 @@ requests, which ``GET /compliance/audit?request_id=...`` opens.
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine
@@ -20,33 +19,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway.errors import InvalidRequest
+from gateway.query_params import limit_param, time_param
 from gateway.schemas import query_name
 from monitors.anomaly import store
 from monitors.anomaly.features import FAMILIES
 from monitors.anomaly.scorer import detector_status, iso
 from monitors.anomaly.settings import AnomalySettings
-
-MAX_LIMIT = 1000
-
-
-def _time(request: Request, name: str) -> int | None:
-    text = request.query_params.get(name)
-    if text is None:
-        return None
-    try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidRequest(f"{name}: not an ISO 8601 time", param=name) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return int(when.timestamp() * 1_000_000)
-
-
-def _limit(request: Request) -> int:
-    text = request.query_params.get("limit", "100")
-    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
-        raise InvalidRequest(f"limit: an integer from 1 to {MAX_LIMIT}", param="limit")
-    return int(text)
 
 
 def flag_json(row: dict[str, Any]) -> dict[str, Any]:
@@ -78,13 +56,13 @@ class AnomalyRoutes:
         if family is not None and family not in FAMILIES:
             raise InvalidRequest(f"family: one of {', '.join(FAMILIES)}", param="family")
         where = store.AnomalyFilter(
-            since_us=_time(request, "since"),
-            until_us=_time(request, "until"),
+            since_us=time_param(request, "since"),
+            until_us=time_param(request, "until"),
             key_id=query_name(params, "key"),
             model=query_name(params, "model"),
             family=family,
         )
-        limit = _limit(request)
+        limit = limit_param(request)
         cursor = query_name(params, "cursor")
         try:
             rows, next_cursor = await asyncio.to_thread(

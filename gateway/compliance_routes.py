@@ -10,7 +10,6 @@ live configuration.
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -29,9 +28,9 @@ from gateway.audit_trail import AuditTrail
 from gateway.config import Settings
 from gateway.errors import InvalidRequest, ServiceUnavailable
 from gateway.middleware.auth import principal_of
+from gateway.query_params import limit_param, time_param
 from gateway.schemas import check_name, query_name
 
-MAX_LIMIT = 1000
 _TRUE = {"1", "true", "yes"}
 
 
@@ -63,26 +62,6 @@ def processing_facts(settings: Settings) -> ProcessingFacts:
     )
 
 
-def _time_param(request: Request, name: str) -> int | None:
-    text = request.query_params.get(name)
-    if text is None:
-        return None
-    try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidRequest(f"{name}: not an ISO 8601 time", param=name) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return int(when.timestamp() * 1_000_000)
-
-
-def _limit(request: Request) -> int:
-    text = request.query_params.get("limit", "100")
-    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
-        raise InvalidRequest(f"limit: an integer from 1 to {MAX_LIMIT}", param="limit")
-    return int(text)
-
-
 class ComplianceRoutes:
     def __init__(
         self,
@@ -106,8 +85,8 @@ class ComplianceRoutes:
             key_id=query_name(params, "key"),
             request_id=query_name(params, "request_id"),
             kinds=[check_name(kind, "kind") for kind in params.getlist("kind")] or None,
-            since_us=_time_param(request, "since"),
-            until_us=_time_param(request, "until"),
+            since_us=time_param(request, "since"),
+            until_us=time_param(request, "until"),
         )
         with_payloads = params.get("payloads", "").lower() in _TRUE
         reason = params.get("reason") or ""
@@ -124,7 +103,7 @@ class ComplianceRoutes:
                 self._engine,
                 self._keyring,
                 where,
-                limit=_limit(request),
+                limit=limit_param(request),
                 cursor=params.get("cursor"),
             )
         except BadCursor:
